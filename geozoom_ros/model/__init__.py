@@ -1,0 +1,1 @@
+"""The zoom policy and the retrieval baseline (torch)."""

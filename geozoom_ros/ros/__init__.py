@@ -1,0 +1,1 @@
+"""ROS 2 glue: message conversions, bag replay and the localization node."""

@@ -1,0 +1,1 @@
+"""Offline tile pyramids: MBTiles / XYZ stores, cell views and the GeoTIFF builder."""

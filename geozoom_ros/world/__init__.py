@@ -1,0 +1,1 @@
+"""The synthetic cross-view world: city model, renderers, dataset and drive bag."""
