@@ -8,8 +8,8 @@ northern row, col 0 the western column.
 Angles are degrees, distances metres. Nothing here imports torch or rclpy.
 """
 
-import math
 from functools import lru_cache
+import math
 
 import mercantile
 import numpy as np
@@ -251,4 +251,3 @@ class LocalFrame:
 
     def __repr__(self):
         return f'LocalFrame(lat0={self.lat0}, lon0={self.lon0}, h0={self.h0})'
-
