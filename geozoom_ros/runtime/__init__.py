@@ -1,1 +1,60 @@
-"""Inference backends behind one interface (torch, onnxruntime, tensorrt)."""
+"""Inference backends behind one interface (torch, onnxruntime, tensorrt).
+
+``load_backend(kind, model_path)`` returns a :class:`~geozoom_ros.runtime.base.PolicyBackend`.
+Each backend module imports its library only when that backend is chosen, so this package
+imports neither torch nor onnxruntime by itself.
+"""
+
+import importlib
+
+from geozoom_ros.errors import ConfigError
+
+#: kind -> (module, class). Later backends add their entry here.
+BACKENDS = {
+    'torch': ('geozoom_ros.runtime.torch_backend', 'TorchBackend'),
+    'onnxruntime': ('geozoom_ros.runtime.onnx_backend', 'OnnxBackend'),
+    'tensorrt': ('geozoom_ros.runtime.tensorrt_backend', 'TensorRTBackend'),
+}
+
+#: The order 'auto' tries backends in (fastest first where present).
+AUTO_ORDER = ('torch',)
+
+
+class BackendUnavailable(ConfigError):
+    """A backend's library or model files cannot be loaded on this machine."""
+
+
+def _backend_class(kind):
+    module_name, class_name = BACKENDS[kind]
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name == module_name:
+            raise BackendUnavailable(f'backend {kind!r} is not part of this install') from None
+        raise BackendUnavailable(f'backend {kind!r} cannot load: Python module {exc.name!r} '
+                                 'is not installed') from None
+    except ImportError as exc:
+        first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise BackendUnavailable(f'backend {kind!r} cannot load: {first}') from None
+    return getattr(module, class_name)
+
+
+def load_backend(kind, model_path, **kwargs):
+    """Return a backend of ``kind`` ('torch', 'onnxruntime', 'tensorrt' or 'auto') for a model.
+
+    'auto' takes the first backend of :data:`AUTO_ORDER` that loads. Keyword arguments go to the
+    backend's constructor (e.g. ``device='cuda'`` for torch). A backend that cannot load raises
+    :class:`BackendUnavailable` with one line saying why.
+    """
+    if kind == 'auto':
+        reasons = []
+        for candidate in AUTO_ORDER:
+            try:
+                return load_backend(candidate, model_path, **kwargs)
+            except BackendUnavailable as exc:
+                reasons.append(str(exc))
+        raise BackendUnavailable('no backend could load: ' + '; '.join(reasons))
+    if kind not in BACKENDS:
+        raise ConfigError(f'backend {kind!r} is unknown; choose one of '
+                          f'{", ".join(["auto", *BACKENDS])}')
+    return _backend_class(kind)(model_path, **kwargs)

@@ -1,0 +1,203 @@
+"""`geozoom index`, `geozoom eval` and `geozoom localize`.
+
+Registration is cheap: torch and the evaluation engine are imported inside the commands.
+"""
+
+import json
+import math
+import sys
+
+
+def register(sub):
+    """Add the index, eval and localize subcommands."""
+    p = sub.add_parser('index', help='encode every map view a model can visit into a bundle',
+                       description='Encode every cell view the zoom policy can visit over a map '
+                                   'into a map bundle (manifest + memory-mapped float16 '
+                                   'tokens). Re-running with the same map and model reuses '
+                                   'the bundle.')
+    p.add_argument('--map', required=True, metavar='MAP.mbtiles', help='the tile pyramid')
+    p.add_argument('--model', required=True, metavar='MODEL', help='the zoom-policy model folder')
+    p.add_argument('-o', '--output', required=True, metavar='BUNDLE', help='bundle directory')
+    p.add_argument('--with-retrieval', metavar='RETRIEVAL_MODEL', default=None,
+                   help='also store retrieval embeddings of every cell (for the retrieval and '
+                        'sim-zoom baselines)')
+    p.add_argument('--context-m', type=float, default=None,
+                   help='side of the retrieval crops in metres (default: the retrieval '
+                        "model's)")
+    p.add_argument('--batch-size', type=int, default=32)
+    p.add_argument('--device', default='cpu', help='torch device (cpu, cuda, auto)')
+    p.add_argument('--force', action='store_true', help='rebuild even if the bundle is current')
+    p.add_argument('--no-progress', action='store_true')
+    p.set_defaults(func=_index)
+
+    p = sub.add_parser('eval', help='evaluate a method on an index.csv or a drive bag',
+                       description='Localise every query of a data set and print recall within '
+                                   '25/50/100 m, error percentiles, NEES, per-step accuracy, '
+                                   'latency and chance levels.')
+    p.add_argument('--bundle', required=True, metavar='BUNDLE')
+    p.add_argument('--model', required=True, metavar='MODEL',
+                   help='the zoom policy (zoom, zoom-beam) or the retrieval model (retrieval, '
+                        'sim-zoom, ground-knn)')
+    p.add_argument('--data', required=True, metavar='index.csv|drive.mcap')
+    p.add_argument('--split', default=None, help='index.csv split (test-same, test-cross, ...)')
+    p.add_argument('--method', default='zoom-beam',
+                   choices=('zoom', 'zoom-beam', 'retrieval', 'sim-zoom', 'ground-knn'))
+    p.add_argument('--beam-width', type=int, default=8)
+    p.add_argument('--prior-sigma-m', type=float, default=None,
+                   help='give the search a prior drawn around the truth with this sigma (m)')
+    p.add_argument('--seed', type=int, default=0, help='seed of the prior draws')
+    p.add_argument('--limit', type=int, default=None, help='evaluate at most N queries')
+    p.add_argument('--train-index', default=None, metavar='index.csv',
+                   help='ground-knn: the table whose train split is the reference set '
+                        '(default: --data)')
+    p.add_argument('--image-topic', default=None, help='bag image topic (default: auto)')
+    p.add_argument('--gt-topic', default='/gps/fix_truth', help='bag ground-truth NavSatFix')
+    p.add_argument('--backend', default='auto', help='auto, torch, onnxruntime, tensorrt')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--json', action='store_true', help='print one JSON object')
+    p.add_argument('--no-progress', action='store_true')
+    p.set_defaults(func=_eval)
+
+    p = sub.add_parser('localize', help='localise images and print lat, lon, covariance')
+    p.add_argument('--bundle', required=True, metavar='BUNDLE')
+    p.add_argument('--model', required=True, metavar='MODEL')
+    p.add_argument('images', nargs='+', metavar='IMAGE')
+    p.add_argument('--heading', type=float, default=None, help='camera heading (deg from N)')
+    p.add_argument('--method', default='zoom-beam', choices=('zoom', 'zoom-beam'))
+    p.add_argument('--beam-width', type=int, default=8)
+    p.add_argument('--prior', default=None, metavar='LAT,LON,SIGMA_M',
+                   help='restrict the search around a position (sigma in metres)')
+    p.add_argument('--backend', default='auto')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--json', action='store_true', help='print one JSON object per image')
+    p.set_defaults(func=_localize)
+
+
+def _positive(name, value, allow_none=True):
+    from geozoom_ros.errors import InputError
+
+    if value is None and allow_none:
+        return
+    if value is None or not math.isfinite(value) or value <= 0:
+        raise InputError(f'{name} {value} must be a positive number')
+
+
+def _index(args):
+    from geozoom_ros.bundle import build_bundle, load_bundle
+
+    _positive('--batch-size', args.batch_size)
+    _positive('--context-m', args.context_m)
+    out = build_bundle(args.map, args.model, args.output, batch_size=args.batch_size,
+                       progress=not args.no_progress, retrieval_model=args.with_retrieval,
+                       device=args.device, overwrite=args.force, context_m=args.context_m)
+    b = load_bundle(out)
+    m = b.manifest
+    size = sum(f.stat().st_size for f in out.iterdir() if f.is_file())
+    print(f'bundle {out}: {len(b.roots)} root(s) at zoom {b.root_zoom}, '
+          f'{m["num_tokens"]} tokens x {b.embed_dim}, levels '
+          f'{"/".join(str(c) for c in m["cells_per_level"])} cells, model '
+          f'{b.model_hash[:8]}, {size / 1e6:.1f} MB'
+          + (', with retrieval embeddings' if b.retrieval is not None else ''))
+    return 0
+
+
+def _eval(args):
+    from geozoom_ros.errors import InputError
+    from geozoom_ros.eval.evaluate import EvalOptions, evaluate, read_queries
+
+    _positive('--beam-width', args.beam_width, allow_none=False)
+    _positive('--prior-sigma-m', args.prior_sigma_m)
+    _positive('--limit', args.limit)
+    knn_index = args.train_index
+    if args.method == 'ground-knn' and knn_index is None:
+        if not str(args.data).endswith('.csv'):
+            raise InputError('ground-knn needs a table with a train split: pass --train-index '
+                             'index.csv')
+        knn_index = args.data
+    queries, skipped = read_queries(args.data, args.split, args.limit, args.image_topic,
+                                    args.gt_topic)
+    if skipped:
+        print(f'geozoom eval: skipped {skipped} row(s) with a missing image or an invalid '
+              'position', file=sys.stderr)
+    opts = EvalOptions(method=args.method, beam_width=args.beam_width,
+                       prior_sigma_m=args.prior_sigma_m, seed=args.seed, backend=args.backend,
+                       device=args.device, knn_index=knn_index,
+                       progress=not args.no_progress and not args.json)
+    summary = evaluate(args.bundle, args.model, queries, opts, skipped)
+    summary['split'] = args.split
+    summary['data'] = str(args.data)
+    if args.json:
+        print(json.dumps(summary, allow_nan=False))
+        return 0
+    _print_summary(summary)
+    return 0
+
+
+def _fmt(v, unit='', pct=False):
+    if v is None:
+        return '-'
+    return f'{100 * v:.1f}%' if pct else f'{v:.1f}{unit}'
+
+
+def _print_summary(s):
+    ch = s['chance']
+    print(f'method {s["method"]}: {s["n"]} queries ({s["fixes"]} fixes)')
+    for d in ('25', '50', '100'):
+        key = f'recall@{d}m'
+        print(f'  recall within {d:>3} m: {_fmt(s[key], pct=True):>7}   '
+              f'(chance {_fmt(ch[key], pct=True)})')
+    print(f'  median error {_fmt(s["median_error_m"], " m")}, p90 {_fmt(s["p90_error_m"], " m")}')
+    if s.get('nees_mean') is not None:
+        print(f'  NEES mean {s["nees_mean"]:.2f} (2 = consistent), within 100 m '
+              f'{_fmt(s.get("nees_mean_within_100m"))}')
+    if s.get('step_accuracy'):
+        acc = ', '.join(_fmt(a, pct=True) for a in s['step_accuracy'])
+        print(f'  step accuracy given the true path: {acc}   '
+              f'(chance {_fmt(ch["step_accuracy"][0], pct=True)})')
+    print(f'  latency p50 {_fmt(s["latency_ms_p50"], " ms")}, '
+          f'p95 {_fmt(s["latency_ms_p95"], " ms")}')
+
+
+def _parse_prior(text):
+    from geozoom_ros.errors import InputError
+
+    try:
+        lat, lon, sigma = (float(v) for v in text.split(','))
+    except ValueError:
+        raise InputError(f'--prior {text!r} must be LAT,LON,SIGMA_M (degrees, degrees, '
+                         'metres)') from None
+    return lat, lon, sigma
+
+
+def _localize(args):
+    import cv2
+
+    from geozoom_ros.errors import InputError
+    from geozoom_ros.localizer import GeoZoomLocalizer
+
+    prior = _parse_prior(args.prior) if args.prior else None
+    loc = GeoZoomLocalizer(args.bundle, args.model, backend=args.backend,
+                           beam_width=args.beam_width, method=args.method, device=args.device)
+    for path in args.images:
+        bgr = cv2.imread(path, cv2.IMREAD_COLOR)
+        if bgr is None:
+            raise InputError(f'image {path} is missing or not a readable image file')
+        fix = loc.localize(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), heading_deg=args.heading,
+                           prior=prior)
+        if fix is None:
+            if args.json:
+                print(json.dumps({'image': path, 'fix': None}))
+            else:
+                print(f'{path}: no fix')
+            continue
+        c = fix.cov_en
+        if args.json:
+            print(json.dumps({'image': path, 'lat': fix.lat, 'lon': fix.lon,
+                              'cov_en_m2': c.tolist(), 'confidence': fix.confidence,
+                              'cell': list(fix.cell), 'latency_ms': fix.latency_ms}))
+        else:
+            print(f'{path}: lat {fix.lat:.7f} lon {fix.lon:.7f}  cov_en [m^2] '
+                  f'[[{c[0, 0]:.1f}, {c[0, 1]:.1f}], [{c[1, 0]:.1f}, {c[1, 1]:.1f}]]  '
+                  f'sigma {fix.sigma_m:.1f} m  confidence {fix.confidence:.3f}  '
+                  f'({fix.latency_ms["total"]:.0f} ms)')
+    return 0

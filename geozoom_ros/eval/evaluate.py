@@ -1,0 +1,545 @@
+"""Evaluate a method on a query set: the engine behind ``geozoom eval``.
+
+Queries come from an ``index.csv`` table (path, lat, lon[, heading_deg, split]) or a drive bag
+(rosbag2, MCAP or sqlite3: camera images matched by timestamp to the ground-truth NavSatFix).
+The methods:
+
+- ``zoom``: greedy zoom search; ``zoom-beam``: beam search (width ``beam_width``).
+- ``retrieval``: nearest terminal-cell embedding (brute force numpy, or FAISS when importable)
+  of a contrastive retrieval model, over the bundle's context crops.
+- ``sim-zoom``: coarse retrieval over the level-1 cells, then at each finer level the most
+  similar child by the contrastive embeddings.
+- ``ground-knn``: the nearest training-split ground image by the retrieval model's ground
+  embedding (no map at all).
+
+Each query's latency is measured as a single-frame pass (encoder + search), as a robot runs it.
+"""
+
+import csv
+from dataclasses import dataclass
+import math
+import os
+from pathlib import Path
+import sys
+import time
+
+import numpy as np
+
+from geozoom_ros.bundle import load_bundle
+from geozoom_ros.errors import InputError, MismatchError
+from geozoom_ros.eval import metrics
+from geozoom_ros.geo import actions_between, ancestor, cell_at, check_latlon, destination
+from geozoom_ros.search import (beam, cell_center_merc, greedy, hypotheses_covariance,
+                                merc_to_latlon, Prior)
+
+METHODS = ('zoom', 'zoom-beam', 'retrieval', 'sim-zoom', 'ground-knn')
+DEFAULT_IMAGE_TOPIC = '/camera/image_raw'
+DEFAULT_GT_TOPIC = '/gps/fix_truth'
+#: Ground truth further than this from an image's stamp does not match it (seconds).
+MAX_GT_GAP_S = 0.5
+
+
+@dataclass
+class Query:
+    """One evaluation query: how to get its image, and where it truly is (degrees)."""
+
+    name: str
+    lat: float
+    lon: float
+    heading_deg: float = None
+    path: str = None
+    image: np.ndarray = None
+
+    def load(self):
+        """Return the uint8 RGB image, or None if it cannot be read."""
+        if self.image is not None:
+            return self.image
+        import cv2
+
+        bgr = cv2.imread(self.path, cv2.IMREAD_COLOR)
+        if bgr is None:
+            return None
+        return cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB)
+
+
+def _warn(msg):
+    print(f'geozoom eval: warning: {msg}', file=sys.stderr)
+
+
+# --------------------------------------------------------------------------------------------
+# Query sets
+
+def read_index(path, split=None, limit=None):
+    """Return ``(queries, skipped)`` from an index.csv (paths relative to the file's folder).
+
+    Rows with a missing image file or a non-finite / off-map position are skipped and counted.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(f'data {path} does not exist; pass an index.csv or a drive bag')
+    try:
+        with open(path, newline='') as f:
+            rows = list(csv.DictReader(f))
+    except (OSError, UnicodeDecodeError, csv.Error) as exc:
+        raise InputError(f'data {path} is not a readable CSV ({exc})') from None
+    if not rows:
+        raise InputError(f'data {path} holds no rows')
+    cols = set(rows[0])
+    missing = {'path', 'lat', 'lon'} - cols
+    if missing:
+        raise InputError(f'data {path} lacks the column(s) {", ".join(sorted(missing))}; an '
+                         'index needs path, lat, lon')
+    if split:
+        if 'split' not in cols:
+            raise InputError(f'data {path} has no split column; drop --split')
+        splits = sorted({r['split'] for r in rows})
+        rows = [r for r in rows if r['split'] == split]
+        if not rows:
+            raise InputError(f'data {path} has no rows of split {split!r}; it has '
+                             f'{", ".join(splits)}')
+    queries, skipped = [], 0
+    for r in rows:
+        if limit and len(queries) >= limit:
+            break
+        try:
+            lat, lon = float(r['lat']), float(r['lon'])
+            check_latlon(lat, lon)
+        except (TypeError, ValueError, InputError):
+            skipped += 1
+            continue
+        img = (path.parent / r['path']) if not os.path.isabs(r['path']) else Path(r['path'])
+        if not img.is_file():
+            skipped += 1
+            continue
+        heading = r.get('heading_deg')
+        try:
+            heading = float(heading) if heading not in (None, '') else None
+        except ValueError:
+            heading = None
+        queries.append(Query(r['path'], lat, lon, heading, str(img)))
+    return queries, skipped
+
+
+def read_bag(path, image_topic=None, gt_topic=DEFAULT_GT_TOPIC, limit=None, every=1):
+    """Return ``(queries, skipped)`` from a drive bag (images matched to ground truth).
+
+    The truth position at an image's stamp is interpolated linearly between the two nearest
+    NavSatFix messages; images more than 0.5 s from any fix are skipped.
+    """
+    from rosbags.highlevel import AnyReader
+
+    from geozoom_ros.ros.conversions import msg_to_rgb
+
+    path = Path(path)
+    if not path.exists():
+        raise InputError(f'data {path} does not exist; pass an index.csv or a drive bag')
+    try:
+        reader = AnyReader([path])
+        reader.open()
+    except Exception as exc:  # noqa: B902 - rosbags raises several unrelated types
+        raise InputError(f'data {path} is not a readable rosbag2 ({exc})') from None
+    try:
+        topics = {c.topic: c.msgtype for c in reader.connections}
+        if image_topic is None:
+            for cand in (DEFAULT_IMAGE_TOPIC, DEFAULT_IMAGE_TOPIC + '/compressed'):
+                if cand in topics:
+                    image_topic = cand
+                    break
+            else:
+                image_topic = next((t for t, m in topics.items() if m.endswith('Image')), None)
+        if image_topic not in topics:
+            raise InputError(f'bag {path} has no image topic {image_topic!r}; topics: '
+                             f'{", ".join(sorted(topics))}')
+        if gt_topic not in topics:
+            raise InputError(f'bag {path} has no ground-truth topic {gt_topic!r}; pass '
+                             '--gt-topic')
+        fixes = []
+        for conn, _, raw in reader.messages(connections=[c for c in reader.connections
+                                                         if c.topic == gt_topic]):
+            m = reader.deserialize(raw, conn.msgtype)
+            t = m.header.stamp.sec + 1e-9 * m.header.stamp.nanosec
+            if math.isfinite(m.latitude) and math.isfinite(m.longitude):
+                fixes.append((t, m.latitude, m.longitude))
+        fixes.sort()
+        if not fixes:
+            raise InputError(f'bag {path} has no valid messages on {gt_topic}')
+        ft = np.array([f[0] for f in fixes])
+        flat = np.array([f[1] for f in fixes])
+        flon = np.array([f[2] for f in fixes])
+        queries, skipped, seen = [], 0, 0
+        conns = [c for c in reader.connections if c.topic == image_topic]
+        for conn, _, raw in reader.messages(connections=conns):
+            seen += 1
+            if (seen - 1) % every:
+                continue
+            if limit and len(queries) >= limit:
+                break
+            m = reader.deserialize(raw, conn.msgtype)
+            t = m.header.stamp.sec + 1e-9 * m.header.stamp.nanosec
+            i = int(np.searchsorted(ft, t))
+            near = min(abs(ft[min(i, len(ft) - 1)] - t), abs(ft[max(i - 1, 0)] - t))
+            if near > MAX_GT_GAP_S:
+                skipped += 1
+                continue
+            lat = float(np.interp(t, ft, flat))
+            lon = float(np.interp(t, ft, flon))
+            try:
+                rgb = msg_to_rgb(m)
+            except InputError:
+                skipped += 1
+                continue
+            queries.append(Query(f'{image_topic}@{t:.3f}', lat, lon, None, image=rgb))
+    finally:
+        reader.close()
+    return queries, skipped
+
+
+def read_queries(data, split=None, limit=None, image_topic=None, gt_topic=DEFAULT_GT_TOPIC):
+    """Return ``(queries, skipped)`` from an index.csv or a bag (by the path's form)."""
+    p = Path(data)
+    if p.suffix.lower() == '.csv':
+        return read_index(p, split, limit)
+    if p.suffix.lower() in ('.mcap', '.db3') or (p.is_dir() and (p / 'metadata.yaml').exists()):
+        # A rosbag2 is a folder; accept the storage file inside it too.
+        bag = p.parent if p.is_file() and (p.parent / 'metadata.yaml').exists() else p
+        return read_bag(bag, image_topic, gt_topic, limit)
+    raise InputError(f'data {data} is neither an index.csv nor a rosbag2 (.mcap, .db3 or a bag '
+                     'folder)')
+
+
+# --------------------------------------------------------------------------------------------
+# Step accuracy given the true path
+
+def true_paths(bundle, lats, lons):
+    """Return ``(rows [N, steps], actions [N, steps], ok [N])``: the true zoom path per query.
+
+    ``rows`` are token rows of the true cells at levels 0..steps-1; ``ok`` is False for queries
+    whose terminal cell is outside the bundle.
+    """
+    n, steps, k = len(lats), bundle.steps, bundle.k
+    rows = np.zeros((n, steps), np.int64)
+    acts = np.zeros((n, steps), np.int64)
+    ok = np.zeros(n, bool)
+    for i, (lat, lon) in enumerate(zip(lats, lons)):
+        term = cell_at(lat, lon, bundle.terminal.zoom)
+        if not bundle.contains(term):
+            continue
+        root = ancestor(term, bundle.root_zoom)
+        acts[i] = actions_between(root, term, k)
+        for lv in range(steps):
+            rows[i, lv] = bundle.row_of(ancestor(term, bundle.levels[lv].zoom))
+        ok[i] = True
+    return rows, acts, ok
+
+
+def _valid_children(bundle, level, parent_rows_xy):
+    px, py = parent_rows_xy
+    k = bundle.k
+    ar = np.arange(k * k)
+    cx = px[:, None] * k + (ar % k)[None]
+    cy = py[:, None] * k + (ar // k)[None]
+    nxt = bundle.levels[level + 1]
+    valid = nxt.inside(cx, cy)
+    if nxt.offset >= 0 and bundle.coverage is not None:
+        idx, _ = nxt.local_index(cx, cy)
+        valid &= np.asarray(bundle.coverage[idx + nxt.offset], np.float32) > 1e-3
+    return valid, cx, cy
+
+
+def zoom_step_correct(backend, bundle, gs, lats, lons, batch=256):
+    """Return ``[N, steps]`` 1/0/NaN: teacher-forced argmax == true action at each step."""
+    rows, acts, ok = true_paths(bundle, lats, lons)
+    n, steps = len(lats), bundle.steps
+    out = np.full((n, steps), np.nan)
+    idx = np.flatnonzero(ok)
+    for s in range(0, len(idx), batch):
+        b = idx[s:s + batch]
+        sat_all = np.asarray(bundle.tokens[rows[b].ravel()], np.float32).reshape(
+            len(b), steps, -1)
+        term = [cell_at(lats[i], lons[i], bundle.terminal.zoom) for i in b]
+        for t in range(steps):
+            logits = backend.step_logits(gs[b], sat_all[:, :t + 1], acts[b, :t])
+            parents = [ancestor(c, bundle.levels[t].zoom) for c in term]
+            valid, _, _ = _valid_children(bundle, t, (np.array([p.x for p in parents]),
+                                                      np.array([p.y for p in parents])))
+            logits = np.where(valid, logits, -np.inf)
+            out[b, t] = (np.argmax(logits, axis=1) == acts[b, t]).astype(float)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Retrieval-based methods
+
+class _Nearest:
+    """Inner-product nearest neighbours over fixed L2-normalised vectors (FAISS if present)."""
+
+    def __init__(self, vectors):
+        self.vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+        self.index = None
+        try:
+            import faiss
+        except ImportError:
+            faiss = None
+        if faiss is not None:
+            self.index = faiss.IndexFlatIP(self.vectors.shape[1])
+            self.index.add(self.vectors)
+        self.backend = 'faiss' if self.index is not None else 'numpy'
+
+    def search(self, q, k):
+        q = np.ascontiguousarray(q, dtype=np.float32).reshape(1, -1)
+        k = min(k, len(self.vectors))
+        if self.index is not None:
+            sims, idx = self.index.search(q, k)
+            return sims[0], idx[0]
+        sims = self.vectors @ q[0]
+        top = np.argpartition(-sims, k - 1)[:k]
+        top = top[np.argsort(-sims[top])]
+        return sims[top], top
+
+    def all_sims(self, q):
+        return self.vectors @ np.asarray(q, np.float32).reshape(-1)
+
+
+def _softmax(x):
+    x = np.asarray(x, float)
+    e = np.exp(x - np.max(x))
+    return e / e.sum()
+
+
+def _retrieval_scale(retr):
+    try:
+        return float(retr.model.scale().detach().cpu())
+    except AttributeError:
+        return 1.0 / 0.07
+
+
+def _level_vectors(bundle, level):
+    lv = bundle.levels[level]
+    sl = slice(lv.retrieval_offset, lv.retrieval_offset + lv.count)
+    return np.asarray(bundle.retrieval[sl], np.float32)
+
+
+def _fix_from_cells(xs, ys, zoom, probs):
+    """Return (lat, lon, cov_en, confidence) from candidate cells sorted best first."""
+    cx, cy = cell_center_merc(xs[:1], ys[:1], zoom)
+    lat, lon = merc_to_latlon(cx[0], cy[0])
+    cov = hypotheses_covariance((xs, ys), zoom, probs, best=0)
+    return float(lat), float(lon), cov, float(probs[0])
+
+
+# --------------------------------------------------------------------------------------------
+# The evaluation loop
+
+@dataclass
+class EvalOptions:
+    """Options of :func:`evaluate` (mirrors the ``geozoom eval`` flags)."""
+
+    method: str = 'zoom-beam'
+    beam_width: int = 8
+    prior_sigma_m: float = None
+    seed: int = 0
+    backend: str = 'auto'
+    device: str = 'cpu'
+    knn_index: str = None
+    top_k: int = 8
+    progress: bool = True
+
+
+def evaluate(bundle_path, model_path, queries, options, skipped=0):
+    """Run ``options.method`` on ``queries``; return the summary dict (see metrics.summarize)."""
+    from tqdm import tqdm
+
+    method = options.method
+    if method not in METHODS:
+        raise InputError(f'method {method!r} is unknown; use one of {", ".join(METHODS)}')
+    if not queries:
+        raise InputError('no usable queries (every row was skipped or the split is empty)')
+    rng = np.random.default_rng(options.seed)
+    n = len(queries)
+    est = np.full((n, 2), np.nan)
+    covs = np.full((n, 2, 2), np.nan)
+    conf = np.zeros(n)
+    lat_ms = []
+    step_correct = None
+    truth = np.array([[q.lat, q.lon] for q in queries])
+    unreadable = 0
+    extra = {}
+
+    if method in ('zoom', 'zoom-beam'):
+        from geozoom_ros.runtime import load_backend
+
+        backend = load_backend(options.backend, model_path, device=options.device)
+        bundle = load_bundle(bundle_path, backend)
+        gs = np.zeros((n, bundle.embed_dim), np.float32)
+        have_g = np.zeros(n, bool)
+        prior_misses = 0
+        for i, q in enumerate(tqdm(queries, desc=f'eval {method}', disable=not options.progress)):
+            img = q.load()
+            if img is None:
+                unreadable += 1
+                continue
+            prior = None
+            if options.prior_sigma_m:
+                s = float(options.prior_sigma_m)
+                de, dn = rng.normal(0.0, s, 2)
+                plat, plon = destination(q.lat, q.lon, math.degrees(math.atan2(de, dn)),
+                                         math.hypot(de, dn))
+                prior = Prior.from_sigma(plat, plon, s)
+            t0 = time.perf_counter()
+            g = backend.encode_ground([img], headings=[q.heading_deg])[0]
+            try:
+                res = (greedy(backend, bundle, g, prior=prior) if method == 'zoom'
+                       else beam(backend, bundle, g, options.beam_width, prior=prior))
+            except InputError:
+                res = None
+                prior_misses += 1
+            lat_ms.append((time.perf_counter() - t0) * 1e3)
+            gs[i], have_g[i] = g, True
+            if res is None:
+                continue
+            est[i] = res.estimate
+            covs[i] = res.cov_en
+            conf[i] = res.confidence
+        sc = np.full((n, bundle.steps), np.nan)
+        idx = np.flatnonzero(have_g)
+        if idx.size:
+            sc[idx] = zoom_step_correct(backend, bundle, gs[idx], truth[idx, 0], truth[idx, 1])
+        step_correct = sc
+        extra['prior_outside_map'] = prior_misses
+    else:
+        from geozoom_ros.runtime.torch_backend import TorchRetrieval
+
+        retr = TorchRetrieval(model_path, device=options.device)
+        bundle = load_bundle(bundle_path)
+        scale = _retrieval_scale(retr)
+        if method in ('retrieval', 'sim-zoom'):
+            if bundle.retrieval is None:
+                raise InputError(f'bundle {bundle_path} has no retrieval embeddings; rebuild it '
+                                 'with geozoom index ... --with-retrieval RETRIEVAL_MODEL')
+            if bundle.retrieval_model_hash != retr.model_hash:
+                raise MismatchError(
+                    f'bundle {bundle_path} holds retrieval embeddings of model '
+                    f'{str(bundle.retrieval_model_hash)[:8]}, not {retr.model_hash[:8]}; rebuild '
+                    f'it with geozoom index ... --with-retrieval {model_path}')
+        if method == 'retrieval':
+            term = bundle.terminal
+            nn_index = _Nearest(_level_vectors(bundle, bundle.steps))
+            txs, tys = term.cell_arrays()
+            extra['index_backend'] = nn_index.backend
+        elif method == 'sim-zoom':
+            level_vecs = [_level_vectors(bundle, lv) for lv in range(bundle.steps + 1)]
+            step_correct = np.full((n, bundle.steps), np.nan)
+            paths = true_paths(bundle, truth[:, 0], truth[:, 1])
+        else:
+            train_q, _ = read_index(options.knn_index, 'train')
+            vecs, pos = [], []
+            for s in tqdm(range(0, len(train_q), 32), desc='encode train split',
+                          disable=not options.progress):
+                imgs, ps = [], []
+                for q in train_q[s:s + 32]:
+                    img = q.load()
+                    if img is not None:
+                        imgs.append(img)
+                        ps.append((q.lat, q.lon, q.heading_deg))
+                if imgs:
+                    vecs.append(retr.embed_ground(imgs, headings=[p[2] for p in ps]))
+                    pos.extend(ps)
+            if not pos:
+                raise InputError(f'{options.knn_index}: no readable train-split images')
+            nn_index = _Nearest(np.concatenate(vecs))
+            pos = np.array([p[:2] for p in pos])
+            tz = bundle.terminal.zoom
+            extra['index_backend'] = nn_index.backend
+            extra['train_images'] = len(pos)
+
+        for i, q in enumerate(tqdm(queries, desc=f'eval {method}', disable=not options.progress)):
+            img = q.load()
+            if img is None:
+                unreadable += 1
+                continue
+            t0 = time.perf_counter()
+            e = retr.embed_ground([img], headings=[q.heading_deg])[0]
+            if method == 'retrieval':
+                sims, idx = nn_index.search(e, options.top_k)
+                probs = _softmax(scale * nn_index.all_sims(e))[idx] if len(txs) < 200000 \
+                    else _softmax(scale * sims)
+                lat, lon, cov, c = _fix_from_cells(txs[idx], tys[idx], term.zoom, probs)
+            elif method == 'sim-zoom':
+                lat, lon, cov, c, chosen = _sim_zoom(bundle, level_vecs, e, scale)
+                if paths[2][i]:
+                    step_correct[i] = _sim_zoom_steps(bundle, level_vecs, e, truth[i])
+            else:
+                sims, idx = nn_index.search(e, options.top_k)
+                probs = _softmax(scale * sims)
+                lat, lon = pos[idx[0]]
+                cells = [cell_at(a, b, tz) for a, b in pos[idx]]
+                _, _, cov, _ = _fix_from_cells(np.array([cl.x for cl in cells]),
+                                               np.array([cl.y for cl in cells]), tz, probs)
+                c = float(probs[0])
+            lat_ms.append((time.perf_counter() - t0) * 1e3)
+            est[i] = (lat, lon)
+            covs[i] = cov
+            conf[i] = c
+
+    errors = metrics.error_m(est[:, 0], est[:, 1], truth[:, 0], truth[:, 1])
+    err_en = metrics.error_en(est[:, 0], est[:, 1], truth[:, 0], truth[:, 1])
+    nees_values = metrics.nees(err_en, covs)
+    summary = metrics.summarize(errors, nees_values, step_correct, lat_ms, conf, k=bundle.k,
+                                steps=bundle.steps, area_m2=bundle.area_m2)
+    summary = {'method': method, **summary}
+    summary['skipped_rows'] = int(skipped)
+    summary['unreadable_images'] = int(unreadable)
+    summary['beam_width'] = options.beam_width if method == 'zoom-beam' else None
+    summary['prior_sigma_m'] = options.prior_sigma_m
+    summary['map_area_km2'] = bundle.area_m2 / 1e6
+    summary.update(metrics.json_ready(extra))
+    return summary
+
+
+def _sim_zoom(bundle, level_vecs, e, scale):
+    """Coarse retrieval over level-1 cells, then the most similar child per finer level."""
+    k = bundle.k
+    lv1 = bundle.levels[1]
+    sims = level_vecs[1] @ e
+    probs = _softmax(scale * sims)
+    best = int(np.argmax(sims))
+    conf = float(probs[best])
+    all_x, all_y = lv1.cell_arrays()
+    x, y = all_x[best:best + 1], all_y[best:best + 1]
+    last = (all_x, all_y, probs)
+    ar = np.arange(k * k)
+    for level in range(1, bundle.steps):
+        nxt = bundle.levels[level + 1]
+        cx = x[0] * k + ar % k
+        cy = y[0] * k + ar // k
+        idx, valid = nxt.local_index(cx, cy)
+        s = level_vecs[level + 1][idx] @ e
+        s = np.where(valid, s, -np.inf)
+        p = _softmax(scale * s)
+        a = int(np.argmax(s))
+        conf *= float(p[a])
+        x, y = np.array([cx[a]]), np.array([cy[a]])
+        last = (cx[valid], cy[valid], p[valid])
+    tx, ty, tp = last
+    order = np.argsort(-tp)[:64]
+    lat, lon, cov, _ = _fix_from_cells(tx[order], ty[order], bundle.terminal.zoom, tp[order])
+    return lat, lon, cov, conf, (int(x[0]), int(y[0]))
+
+
+def _sim_zoom_steps(bundle, level_vecs, e, truth):
+    """Return per-step correctness of the most similar child given the true parent."""
+    k = bundle.k
+    term = cell_at(truth[0], truth[1], bundle.terminal.zoom)
+    out = np.full(bundle.steps, np.nan)
+    ar = np.arange(k * k)
+    for t in range(bundle.steps):
+        parent = ancestor(term, bundle.levels[t].zoom)
+        true_child = ancestor(term, bundle.levels[t + 1].zoom)
+        nxt = bundle.levels[t + 1]
+        cx = parent.x * k + ar % k
+        cy = parent.y * k + ar // k
+        idx, valid = nxt.local_index(cx, cy)
+        s = np.where(valid, level_vecs[t + 1][idx] @ e, -np.inf)
+        a = int(np.argmax(s))
+        out[t] = float(cx[a] == true_child.x and cy[a] == true_child.y)
+    return out

@@ -1,0 +1,140 @@
+"""The ROS-free localizer: one camera frame in, one geo fix with a covariance out.
+
+``GeoZoomLocalizer`` loads a map bundle and a model through a backend once, then for each frame
+encodes the image (the only per-frame network pass over pixels) and searches the cell tree with
+the bundle's cached map tokens. The ROS node is a thin shell around this class; everything it
+does can be tested without ROS. No torch or rclpy at module level.
+"""
+
+from dataclasses import dataclass, field
+import math
+import time
+
+import numpy as np
+
+from geozoom_ros.bundle import load_bundle
+from geozoom_ros.errors import ConfigError, InputError
+from geozoom_ros.runtime.base import check_images
+from geozoom_ros.search import beam, greedy, Prior
+
+METHODS = ('zoom', 'zoom-beam')
+
+
+@dataclass
+class Fix:
+    """A position fix.
+
+    Attributes:
+        lat, lon: degrees (WGS84) of the best terminal cell's centre.
+        cov_en: 2x2 covariance of (east, north) in m^2, in the local ENU frame at the fix.
+        confidence: probability of the best hypothesis (0..1); see ``geozoom_ros.search``.
+        cell: the best terminal cell (mercantile Tile).
+        hypotheses: the search's hypotheses, most probable first.
+        latency_ms: ``{'encoder', 'search', 'total'}`` wall times in milliseconds.
+    """
+
+    lat: float
+    lon: float
+    cov_en: np.ndarray
+    confidence: float
+    cell: object
+    hypotheses: list
+    latency_ms: dict = field(default_factory=dict)
+
+    @property
+    def sigma_m(self):
+        """Return the 1-sigma radius in metres (square root of the mean variance)."""
+        return math.sqrt(0.5 * float(np.trace(self.cov_en)))
+
+    def position_covariance(self):
+        """Return the row-major 3x3 ENU covariance (m^2) of NavSatFix (vertical: 1e6 m^2).
+
+        NavSatFix's ``position_covariance`` is east, north, up; the height is unknown, so its
+        variance is large rather than zero.
+        """
+        c = np.zeros((3, 3))
+        c[:2, :2] = self.cov_en
+        c[2, 2] = 1e6
+        return c.ravel().tolist()
+
+
+class GeoZoomLocalizer:
+    """Localise camera frames on a map bundle with a zoom policy.
+
+    Args:
+        bundle_path: a bundle written by ``geozoom index``.
+        model_path: the model the bundle was built with.
+        backend: 'auto', 'torch', 'onnxruntime', 'tensorrt', or a ready PolicyBackend.
+        beam_width: width of the beam search (method 'zoom-beam').
+        method: 'zoom-beam' (default) or 'zoom' (greedy).
+        cov_scale: factor applied to every published covariance (a calibration hook; 1 keeps
+            the search's covariance).
+        backend_options: keyword arguments for the backend (e.g. ``device='cuda'``).
+    """
+
+    def __init__(self, bundle_path, model_path, backend='auto', beam_width=8,
+                 method='zoom-beam', cov_scale=1.0, **backend_options):
+        if method not in METHODS:
+            raise ConfigError(f'method {method!r} is unknown; use one of {", ".join(METHODS)}')
+        if int(beam_width) < 1:
+            raise ConfigError(f'beam_width={beam_width} must be >= 1')
+        if not (math.isfinite(cov_scale) and cov_scale > 0):
+            raise ConfigError(f'cov_scale={cov_scale} must be a positive number')
+        if isinstance(backend, str):
+            from geozoom_ros.runtime import load_backend
+            backend = load_backend(backend, model_path, **backend_options)
+        self.backend = backend
+        self.bundle = load_bundle(bundle_path, backend)
+        self.method = method
+        self.beam_width = int(beam_width)
+        self.cov_scale = float(cov_scale)
+
+    @property
+    def heading_input(self):
+        """Whether the model takes the camera heading."""
+        return bool(getattr(self.backend.config, 'heading_input', False))
+
+    def search(self, g, prior=None):
+        """Search the cell tree with a ground token ``g`` ``[D]``; return a SearchResult."""
+        if self.method == 'zoom':
+            return greedy(self.backend, self.bundle, g, prior=prior)
+        return beam(self.backend, self.bundle, g, width=self.beam_width, prior=prior)
+
+    def localize(self, image_rgb, heading_deg=None, prior=None):
+        """Localise one frame; return a :class:`Fix`, or None when no cell can be reached.
+
+        Args:
+            image_rgb: uint8 RGB array ``[H, W, 3]``.
+            heading_deg: camera heading, degrees clockwise from north, or None. Used when the
+                model takes a heading (required then).
+            prior: None, a :class:`~geozoom_ros.search.Prior`, or ``(lat, lon, sigma_m)`` /
+                ``(lat, lon, 2x2 covariance m^2)``: restricts the search to its 3-sigma region.
+
+        Raises InputError for a bad image, heading or prior (one line).
+        """
+        t0 = time.perf_counter()
+        check_images([image_rgb])
+        headings = None
+        if heading_deg is not None:
+            try:
+                heading_deg = float(heading_deg)
+            except (TypeError, ValueError):
+                raise InputError(f'heading {heading_deg!r} is not a number of degrees') from None
+            if not math.isfinite(heading_deg):
+                raise InputError(f'heading {heading_deg} is not finite; pass degrees '
+                                 'clockwise from north or None')
+            headings = [heading_deg % 360.0]
+        elif self.heading_input:
+            raise InputError('this model takes the camera heading: pass heading_deg '
+                             '(degrees clockwise from north)')
+        prior = Prior.coerce(prior)
+        g = self.backend.encode_ground([image_rgb], headings=headings)
+        t1 = time.perf_counter()
+        result = self.search(g[0], prior=prior)
+        t2 = time.perf_counter()
+        if result is None:
+            return None
+        latency = {'encoder': (t1 - t0) * 1e3, 'search': (t2 - t1) * 1e3,
+                   'total': (t2 - t0) * 1e3}
+        return Fix(result.estimate[0], result.estimate[1], result.cov_en * self.cov_scale,
+                   result.confidence, result.cell, result.hypotheses, latency)

@@ -1,0 +1,127 @@
+"""The causal zoom decoder: a small pre-norm transformer with RoPE, RMSNorm and SwiGLU.
+
+The sequence is ``[g, s0, a0, s1, a1, ..., s_t]``: the ground token, the token of each visited
+cell view and an embedding of each action taken. Each token gets a learned *type* embedding
+(ground, satellite, action) and its place in the sequence enters only through rotary position
+embeddings: there is no cell identifier anywhere, so the decoder can only choose a child from
+what the images show, never from which cell it is in.
+"""
+
+import torch
+from torch import nn
+import torch.nn.functional as F
+
+TYPE_GROUND, TYPE_SAT, TYPE_ACTION = 0, 1, 2
+
+
+def rope_tables(seq_len, head_dim, device, dtype=torch.float32, base=10000.0):
+    """Return (cos, sin) tables of shape [seq_len, head_dim / 2] for rotary embeddings."""
+    inv = 1.0 / (base ** (torch.arange(0, head_dim, 2, device=device, dtype=torch.float32)
+                          / head_dim))
+    t = torch.arange(seq_len, device=device, dtype=torch.float32)
+    ang = torch.outer(t, inv)
+    return ang.cos().to(dtype), ang.sin().to(dtype)
+
+
+def apply_rope(x, cos, sin):
+    """Rotate pairs of channels of ``x`` [B, H, L, Dh] by position-dependent angles."""
+    cos, sin = cos.to(x.dtype), sin.to(x.dtype)
+    x1, x2 = x[..., 0::2], x[..., 1::2]
+    out1 = x1 * cos - x2 * sin
+    out2 = x1 * sin + x2 * cos
+    return torch.stack((out1, out2), dim=-1).flatten(-2)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim, hidden, dropout):
+        super().__init__()
+        self.w12 = nn.Linear(dim, 2 * hidden, bias=False)
+        self.w3 = nn.Linear(hidden, dim, bias=False)
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x):
+        a, b = self.w12(x).chunk(2, dim=-1)
+        return self.drop(self.w3(F.silu(a) * b))
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, dim, heads, dropout):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)
+        self.proj = nn.Linear(dim, dim, bias=False)
+        self.dropout = dropout
+        self.drop = nn.Dropout(dropout)
+
+    def forward(self, x, cos, sin):
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+                                           dropout_p=self.dropout if self.training else 0.0)
+        return self.drop(self.proj(y.transpose(1, 2).reshape(b, n, d)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim, heads, dropout):
+        super().__init__()
+        self.norm1 = nn.RMSNorm(dim)
+        self.attn = CausalSelfAttention(dim, heads, dropout)
+        self.norm2 = nn.RMSNorm(dim)
+        self.mlp = SwiGLU(dim, int(round(8 * dim / 3 / 8)) * 8, dropout)
+
+    def forward(self, x, cos, sin):
+        x = x + self.attn(self.norm1(x), cos, sin)
+        return x + self.mlp(self.norm2(x))
+
+
+class ZoomDecoder(nn.Module):
+    """Causal transformer over ``[g, s0, a0, s1, a1, ...]`` giving next-action logits.
+
+    ``dim`` is the token width, ``num_actions`` the number of children per step (k*k).
+    """
+
+    def __init__(self, dim, num_actions, layers=6, heads=8, dropout=0.1):
+        super().__init__()
+        self.dim, self.heads, self.num_actions = dim, heads, num_actions
+        self.type_embed = nn.Embedding(3, dim)
+        self.action_embed = nn.Embedding(num_actions, dim)
+        self.in_norm = nn.RMSNorm(dim)
+        self.drop = nn.Dropout(dropout)
+        self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(layers))
+        self.norm = nn.RMSNorm(dim)
+        self.head = nn.Linear(dim, num_actions)
+        nn.init.normal_(self.type_embed.weight, std=0.02)
+        nn.init.normal_(self.action_embed.weight, std=0.02)
+
+    def sequence(self, g, sat, actions):
+        """Interleave tokens: ``[g, s0, a0, ..., s_{T-1}]`` (+ ``a_{T-1}`` if len(actions)=T).
+
+        ``g`` [B, D], ``sat`` [B, T, D], ``actions`` [B, A] with A in {T-1, T}. Returns the
+        token tensor [B, L, D] and the positions of the satellite tokens (list of T ints).
+        """
+        b, t, d = sat.shape
+        a = actions.shape[1]
+        if a not in (t - 1, t):
+            raise ValueError(f'{t} satellite tokens need {t - 1} or {t} actions, got {a}')
+        g = self.in_norm(g) + self.type_embed.weight[TYPE_GROUND]
+        s = self.in_norm(sat) + self.type_embed.weight[TYPE_SAT]
+        tokens = [g[:, None]]
+        sat_pos = []
+        for i in range(t):
+            sat_pos.append(len(tokens))
+            tokens.append(s[:, i:i + 1])
+            if i < a:
+                act = self.action_embed(actions[:, i]) + self.type_embed.weight[TYPE_ACTION]
+                tokens.append(act[:, None])
+        return torch.cat(tokens, dim=1), sat_pos
+
+    def forward(self, g, sat, actions):
+        """Return next-action logits [B, T, k*k] read at every satellite position."""
+        x, sat_pos = self.sequence(g, sat, actions)
+        cos, sin = rope_tables(x.shape[1], self.dim // self.heads, x.device, x.dtype)
+        x = self.drop(x)
+        for blk in self.blocks:
+            x = blk(x, cos, sin)
+        x = self.norm(x[:, sat_pos])
+        return self.head(x)

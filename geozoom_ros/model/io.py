@@ -1,0 +1,149 @@
+"""Model files: ``model.safetensors`` (weights) + ``config.json`` (kind, config, metadata).
+
+No pickle anywhere: tensors go through safetensors, everything else through JSON. Both files
+are written to temporary names in the target folder and renamed into place; the weights first,
+then the config that names their sha256, so a reader never pairs a config with other weights.
+"""
+
+import hashlib
+import json
+import os
+from pathlib import Path
+import tempfile
+
+from geozoom_ros.errors import InputError, MismatchError
+
+MODEL_FILE = 'model.safetensors'
+CONFIG_FILE = 'config.json'
+FORMAT_VERSION = 1
+
+
+def _model_dir(path):
+    path = Path(path)
+    if path.is_dir():
+        return path
+    if path.name in (MODEL_FILE, CONFIG_FILE):
+        return path.parent
+    raise InputError(f'{path}: not a model folder (expected a folder holding {MODEL_FILE} and '
+                     f'{CONFIG_FILE}); pass the folder written by `geozoom train`')
+
+
+def atomic_write_bytes(path, data):
+    """Write ``data`` to ``path`` through a temporary file in the same folder."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix='.' + path.name + '.', dir=path.parent)
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def atomic_write_json(path, obj):
+    """Write ``obj`` as indented JSON through a temporary file."""
+    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + '\n').encode())
+
+
+def tensors_to_bytes(tensors, metadata=None):
+    """Serialise a dict of tensors with safetensors (contiguous CPU copies)."""
+    from safetensors.torch import save
+
+    clean = {k: v.detach().to('cpu').contiguous() for k, v in tensors.items()}
+    return save(clean, metadata=metadata)
+
+
+def file_sha256(path):
+    """Return the sha256 hex digest of a file."""
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 20), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def model_hash(path):
+    """Return the sha256 (hex) of a model's ``model.safetensors`` (folder or file path)."""
+    f = _model_dir(path) / MODEL_FILE
+    if not f.is_file():
+        raise InputError(f'{f}: model weights file is missing; pass a folder written by '
+                         '`geozoom train`')
+    return file_sha256(f)
+
+
+def save_model(model, out_dir, extra_meta=None):
+    """Save ``model`` (ZoomPolicy or RetrievalModel) into ``out_dir``; return the folder.
+
+    ``extra_meta`` (JSON-serialisable dict) is stored under ``meta`` in config.json.
+    """
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    state = model.state_dict()
+    data = tensors_to_bytes(state, metadata={'kind': model.kind})
+    atomic_write_bytes(out_dir / MODEL_FILE, data)
+    cfg = {
+        'format_version': FORMAT_VERSION,
+        'kind': model.kind,
+        'config': model.config.to_dict(),
+        'model_sha256': hashlib.sha256(data).hexdigest(),
+        'meta': dict(extra_meta or {}),
+    }
+    atomic_write_json(out_dir / CONFIG_FILE, cfg)
+    return out_dir
+
+
+def read_model_config(path):
+    """Return the parsed config.json of a model folder (kind, config, meta, model_sha256)."""
+    d = _model_dir(path)
+    f = d / CONFIG_FILE
+    if not f.is_file():
+        raise InputError(f'{f}: missing; a model folder holds {MODEL_FILE} and {CONFIG_FILE}')
+    try:
+        cfg = json.loads(f.read_text())
+    except (OSError, ValueError) as exc:
+        raise InputError(f'{f}: unreadable JSON ({exc}); re-export the model') from None
+    if cfg.get('kind') not in ('zoom_policy', 'retrieval'):
+        raise InputError(f'{f}: unknown model kind {cfg.get("kind")!r}; '
+                         'expected zoom_policy or retrieval')
+    return cfg
+
+
+def load_model(path, map_location='cpu'):
+    """Load a saved model (dispatching on config.json's ``kind``) in eval mode."""
+    from safetensors.torch import load_file
+
+    from geozoom_ros.model.config import PolicyConfig
+
+    d = _model_dir(path)
+    cfg = read_model_config(d)
+    weights = d / MODEL_FILE
+    if not weights.is_file():
+        raise InputError(f'{weights}: missing; a model folder holds {MODEL_FILE} and '
+                         f'{CONFIG_FILE}')
+    want = cfg.get('model_sha256')
+    if want and file_sha256(weights) != want:
+        raise MismatchError(f'{weights}: sha256 differs from the one in {CONFIG_FILE}; the '
+                            'folder mixes files of two models: copy both files of one model')
+    config = PolicyConfig.from_dict(cfg['config'], f'{d / CONFIG_FILE}: config')
+    if cfg['kind'] == 'zoom_policy':
+        from geozoom_ros.model.policy import ZoomPolicy
+        model = ZoomPolicy(config, pretrained=False)
+    else:
+        from geozoom_ros.model.retrieval import RetrievalModel
+        model = RetrievalModel(config, pretrained=False)
+    try:
+        state = load_file(str(weights), device=str(map_location))
+    except Exception as exc:  # noqa: B902 - safetensors raises its own error types
+        raise InputError(f'{weights}: not a readable safetensors file ({exc}); re-train or '
+                         're-copy the model') from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise MismatchError(f'{weights}: weights do not fit the architecture in {CONFIG_FILE} '
+                            f'(missing {missing[:3]}, unexpected {unexpected[:3]})')
+    model.to(map_location)
+    model.meta = cfg.get('meta', {})
+    return model.eval()

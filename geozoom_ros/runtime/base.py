@@ -1,0 +1,105 @@
+"""The interface every inference backend of the zoom policy implements.
+
+A backend runs the two learned parts of a query: the ground encoder (once per camera frame) and
+one decoder step (once per zoom level, batched over the beam). It takes and returns numpy
+arrays, so the search and the localizer never see the backend's framework. Map views are
+encoded offline (``encode_map``), once per map and model, into a bundle.
+"""
+
+import abc
+
+import numpy as np
+
+from geozoom_ros.errors import InputError
+
+
+class PolicyBackend(abc.ABC):
+    """Abstract zoom-policy backend.
+
+    Attributes set by implementations:
+        name: short backend name ('torch', 'onnxruntime', 'tensorrt').
+        config: the policy's configuration; at least ``grid_k``, ``steps``, ``root_zoom``,
+            ``embed_dim``, ``view_size``, ``ground_size`` and ``heading_input``.
+        model_hash: the content hash of the model file (as ``model.io.model_hash``), used to
+            check that a map bundle belongs to this model.
+    """
+
+    name = 'abstract'
+    config = None
+    model_hash = None
+
+    @abc.abstractmethod
+    def encode_ground(self, images, headings=None):
+        """Encode camera frames.
+
+        Args:
+            images: list of uint8 RGB arrays ``[H, W, 3]`` (any size; the backend resizes).
+            headings: optional list of camera headings in degrees clockwise from north (or
+                None entries); used only when ``config.heading_input`` is set.
+
+        Returns:
+            float32 array ``[B, D]``.
+        """
+
+    @abc.abstractmethod
+    def step_logits(self, g, sat, actions):
+        """Return next-action logits of one decoder step.
+
+        Args:
+            g: float32 ``[B, D]`` ground tokens.
+            sat: float32 ``[B, t + 1, D]`` tokens of the views visited so far (root first).
+            actions: int64 ``[B, t]`` actions taken so far (``t`` may be 0).
+
+        Returns:
+            float32 ``[B, k * k]`` logits of the action at step ``t`` (row-major, north-west
+            first).
+        """
+
+    def encode_map(self, images):
+        """Encode north-up overhead views (uint8 RGB ``[S, S, 3]``) into float32 ``[B, D]``."""
+        raise NotImplementedError(f'backend {self.name!r} cannot encode map views; build map '
+                                  'bundles with the torch backend')
+
+    @property
+    def grid_k(self):
+        """Grid size k of the k x k zoom grid."""
+        return int(self.config.grid_k)
+
+    @property
+    def steps(self):
+        """Number of zoom steps from a root to a terminal cell."""
+        return int(self.config.steps)
+
+    @property
+    def embed_dim(self):
+        """Token dimension D."""
+        return int(self.config.embed_dim)
+
+    def __repr__(self):
+        hash8 = (self.model_hash or '?')[:8]
+        return f'{type(self).__name__}(name={self.name!r}, model={hash8})'
+
+
+def check_images(images, what='image'):
+    """Validate a list of camera frames; raise InputError naming the first bad one.
+
+    Each image must be a non-empty uint8 array of shape ``[H, W, 3]`` (RGB) with H, W >= 8.
+    """
+    if isinstance(images, np.ndarray):
+        images = [images]
+    if len(images) == 0:
+        raise InputError(f'no {what} given; pass at least one uint8 RGB array [H, W, 3]')
+    for i, im in enumerate(images):
+        label = what if len(images) == 1 else f'{what} {i}'
+        if not isinstance(im, np.ndarray):
+            raise InputError(f'{label} is a {type(im).__name__}, not a numpy array; pass a '
+                             'uint8 RGB array [H, W, 3]')
+        if im.dtype != np.uint8:
+            raise InputError(f'{label} has dtype {im.dtype}; convert it to uint8 RGB [H, W, 3]')
+        if im.ndim != 3 or im.shape[2] != 3:
+            raise InputError(f'{label} has shape {tuple(im.shape)}; expected an RGB array '
+                             '[H, W, 3]')
+        if im.shape[0] < 8 or im.shape[1] < 8:
+            raise InputError(f'{label} is {im.shape[1]}x{im.shape[0]} pixels; need at least '
+                             '8x8')
+    return list(images)

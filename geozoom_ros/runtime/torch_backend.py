@@ -1,0 +1,158 @@
+"""The torch backend: runs a ZoomPolicy (and the retrieval baseline) on CPU or CUDA."""
+
+import inspect
+import os
+
+import numpy as np
+import torch
+
+from geozoom_ros.errors import ConfigError, InputError
+from geozoom_ros.runtime.base import check_images, PolicyBackend
+
+
+def _device(device):
+    if device in (None, 'auto'):
+        return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f'device {device!r} is not a torch device; use cpu, cuda or '
+                          'cuda:N') from None
+    if dev.type == 'cuda' and not torch.cuda.is_available():
+        raise ConfigError(f'device {device!r} asked for but CUDA is not available here; use '
+                          'device=cpu')
+    return dev
+
+
+def _load(model_path, device):
+    from geozoom_ros.model.io import load_model, model_hash
+
+    path = os.fspath(model_path)
+    if not os.path.exists(path):
+        raise InputError(f'model {path} does not exist; train one with geozoom train or pass '
+                         'the path of a model file')
+    model = load_model(path)
+    model.eval().to(device)
+    return model, model_hash(path)
+
+
+def _heading_kw(method):
+    """Return the name of ``method``'s heading argument, or None if it takes none."""
+    try:
+        params = inspect.signature(method).parameters
+    except (TypeError, ValueError):
+        return None
+    for name in ('headings', 'heading', 'heading_deg'):
+        if name in params:
+            return name
+    return None
+
+
+class TorchBackend(PolicyBackend):
+    """A ZoomPolicy run by torch under ``torch.inference_mode``.
+
+    Args:
+        model_path: a model file written by ``geozoom train`` (safetensors + JSON config).
+        device: 'cpu', 'cuda', 'cuda:N' or 'auto'.
+    """
+
+    name = 'torch'
+
+    def __init__(self, model_path, device='cpu'):
+        self.device = _device(device)
+        self.model, self.model_hash = _load(model_path, self.device)
+        for attr in ('encode_ground', 'encode_map', 'step_logits'):
+            if not hasattr(self.model, attr):
+                raise InputError(f'model {model_path} is a {type(self.model).__name__}, not a '
+                                 'zoom policy; pass a ZoomPolicy model file')
+        self.config = self.model.config
+        self.model_path = os.fspath(model_path)
+        self._heading_kw = _heading_kw(self.model.encode_ground)
+
+    def _to(self, array, dtype):
+        return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=self.device)
+
+    def encode_ground(self, images, headings=None):
+        """Encode camera frames (uint8 RGB) into float32 ``[B, D]`` (see PolicyBackend)."""
+        images = check_images(images)
+        with torch.inference_mode():
+            x = self.model.preprocess_ground(images).to(self.device)
+            kwargs = {}
+            if headings is not None and getattr(self.config, 'heading_input', False) \
+                    and self._heading_kw:
+                values = [np.nan if h is None else float(h) for h in headings]
+                kwargs[self._heading_kw] = torch.tensor(values, dtype=torch.float32,
+                                                        device=self.device)
+            g = self.model.encode_ground(x, **kwargs)
+        return g.float().cpu().numpy()
+
+    def encode_map(self, images):
+        """Encode north-up views (uint8 RGB) into float32 ``[B, D]`` (see PolicyBackend)."""
+        with torch.inference_mode():
+            x = self.model.preprocess_map(list(images)).to(self.device)
+            return self.model.encode_map(x).float().cpu().numpy()
+
+    def step_logits(self, g, sat, actions):
+        """Return float32 ``[B, k*k]`` next-action logits (see PolicyBackend)."""
+        with torch.inference_mode():
+            logits = self.model.step_logits(self._to(g, torch.float32),
+                                            self._to(sat, torch.float32),
+                                            self._to(actions, torch.long))
+        return logits.float().cpu().numpy()
+
+
+class TorchRetrieval:
+    """The contrastive retrieval baseline (RetrievalModel) run by torch.
+
+    ``embed_ground`` / ``embed_map`` take lists of uint8 RGB arrays and return L2-normalised
+    float32 embeddings ``[B, E]``.
+    """
+
+    name = 'torch'
+
+    def __init__(self, model_path, device='cpu'):
+        self.device = _device(device)
+        self.model, self.model_hash = _load(model_path, self.device)
+        for attr in ('embed_ground', 'embed_map'):
+            if not hasattr(self.model, attr):
+                raise InputError(f'model {model_path} is a {type(self.model).__name__}, not a '
+                                 'retrieval model; pass a RetrievalModel file (geozoom train '
+                                 '--baseline retrieval)')
+        self.config = getattr(self.model, 'config', None)
+        self.model_path = os.fspath(model_path)
+        self._heading_kw = _heading_kw(self.model.embed_ground)
+
+    def embed_ground(self, images, headings=None):
+        """Return float32 ``[B, E]`` ground embeddings of uint8 RGB frames."""
+        images = check_images(images)
+        with torch.inference_mode():
+            x = self.model.preprocess_ground(images).to(self.device)
+            kwargs = {}
+            if headings is not None and getattr(self.config, 'heading_input', False) \
+                    and self._heading_kw:
+                values = [np.nan if h is None else float(h) for h in headings]
+                kwargs[self._heading_kw] = torch.tensor(values, dtype=torch.float32,
+                                                        device=self.device)
+            return self.model.embed_ground(x, **kwargs).float().cpu().numpy()
+
+    def embed_map(self, images):
+        """Return float32 ``[B, E]`` embeddings of uint8 RGB overhead crops."""
+        with torch.inference_mode():
+            x = self.model.preprocess_map(list(images)).to(self.device)
+            return self.model.embed_map(x).float().cpu().numpy()
+
+    def map_size(self):
+        """Return the side in pixels of the overhead crops the model takes."""
+        for name in ('map_size', 'view_size', 'crop_size'):
+            value = getattr(self.config, name, None)
+            if value:
+                return int(value[0] if isinstance(value, (tuple, list)) else value)
+        return 96
+
+    def context_m(self):
+        """Return the side in metres of the overhead crops the model was trained on."""
+        for name in ('crop_m', 'context_m', 'map_context_m'):
+            value = getattr(self.config, name, None)
+            if value:
+                return float(value)
+        return 100.0

@@ -1,0 +1,387 @@
+"""Zoom search over the cell tree: greedy and beam decoding, an optional prior, hypotheses.
+
+The search encodes nothing: map-view tokens come from the bundle, the camera frame's ground
+token ``g`` is given, and each zoom level costs one batched ``backend.step_logits`` call over
+all live hypotheses.
+
+Probabilities. A hypothesis's probability is the product of its step softmax probabilities.
+Children that hold no imagery (outside the bundle's cells, or views with zero coverage) and,
+with a prior, children outside the prior's 3-sigma region are masked out before the softmax:
+the search conditions on the truth lying in the map (and in the prior region). When a map has
+several roots, each root's paths are scored by the decoder independently (it was trained
+within one root, so its step logits are not comparable across roots, while path probabilities
+are), and the roots are weighted by their best surviving path probability; a hypothesis's
+probability is its path probability times its root's weight, so probabilities sum to at most 1.
+``confidence`` is the best hypothesis's probability.
+
+Covariance. The published position is the best terminal cell's centre. Its covariance (east,
+north; m^2) is the probability-weighted second moment of the hypotheses' terminal centres about
+that estimate (weights renormalised over the hypotheses) plus the terminal cell's quantisation
+(side^2 / 12 per axis), so it is never singular. Offsets use the local tangent plane of the
+Web-Mercator sphere at the estimate (Mercator metres times cos(latitude)), accurate to about
+0.1% within a root cell: plenty for a covariance.
+
+numpy only: no torch.
+"""
+
+from dataclasses import dataclass, field
+import math
+
+import numpy as np
+
+from geozoom_ros.errors import InputError
+from geozoom_ros.geo import (actions_between, ancestor, Cell, cell_at, cell_size_m,
+                             check_latlon, child, EARTH_RADIUS_M)
+
+_HALF = math.pi * EARTH_RADIUS_M  # half the Web-Mercator world width (m)
+#: A prior region spans this many standard deviations.
+PRIOR_SIGMAS = 3.0
+#: Views with less imagery coverage than this are treated as holding none.
+MIN_COVERAGE = 1e-3
+
+
+@dataclass(frozen=True)
+class Prior:
+    """A Gaussian position prior: centre (degrees) and 2x2 east/north covariance (m^2)."""
+
+    lat: float
+    lon: float
+    cov_en: np.ndarray
+
+    @classmethod
+    def from_sigma(cls, lat, lon, sigma_m):
+        """Return an isotropic prior with standard deviation ``sigma_m`` metres."""
+        sigma_m = float(sigma_m)
+        if not (np.isfinite(sigma_m) and sigma_m > 0):
+            raise InputError(f'prior sigma {sigma_m} m must be a positive finite number of '
+                             'metres')
+        return cls(float(lat), float(lon), np.eye(2) * sigma_m * sigma_m)
+
+    @classmethod
+    def coerce(cls, prior):
+        """Return a validated Prior from a Prior or ``(lat, lon, sigma_m | cov 2x2)``."""
+        if prior is None or isinstance(prior, Prior):
+            p = prior
+        else:
+            try:
+                lat, lon, spread = prior
+            except (TypeError, ValueError):
+                raise InputError('prior must be (lat, lon, sigma_m) or (lat, lon, 2x2 '
+                                 f'covariance m^2), got {prior!r}') from None
+            spread = np.asarray(spread, dtype=float)
+            if spread.ndim == 0:
+                p = cls.from_sigma(lat, lon, float(spread))
+            else:
+                p = cls(float(lat), float(lon), spread)
+        if p is not None:
+            p.validate()
+        return p
+
+    def validate(self):
+        """Raise InputError unless the prior is finite, on the map and positive definite."""
+        check_latlon(self.lat, self.lon)
+        cov = np.asarray(self.cov_en, dtype=float)
+        if cov.shape != (2, 2) or not np.all(np.isfinite(cov)):
+            raise InputError(f'prior covariance {cov.tolist()} must be a finite 2x2 matrix '
+                             '(m^2)')
+        if not np.allclose(cov, cov.T, rtol=1e-6, atol=1e-9) or cov[0, 0] <= 0 \
+                or np.linalg.det(cov) <= 0:
+            raise InputError(f'prior covariance {cov.tolist()} is not symmetric positive '
+                             'definite; give a positive sigma (m)')
+
+    def merc_box(self):
+        """Return the 3-sigma bounding box in Mercator metres: (xmin, ymin, xmax, ymax)."""
+        cov = np.asarray(self.cov_en, dtype=float)
+        scale = 1.0 / math.cos(math.radians(self.lat))  # ground metres -> Mercator metres
+        cx, cy = _lonlat_to_merc(self.lon, self.lat)
+        hx = PRIOR_SIGMAS * math.sqrt(cov[0, 0]) * scale
+        hy = PRIOR_SIGMAS * math.sqrt(cov[1, 1]) * scale
+        return cx - hx, cy - hy, cx + hx, cy + hy
+
+
+@dataclass
+class Hypothesis:
+    """A terminal cell with its probability and the actions that reach it from its root."""
+
+    cell: Cell
+    prob: float
+    path: tuple
+    root: Cell = None
+
+    @property
+    def center(self):
+        """``(lat, lon)`` of the cell's centre in degrees."""
+        x, y = cell_center_merc(np.array([self.cell.x]), np.array([self.cell.y]), self.cell.z)
+        lat, lon = merc_to_latlon(x[0], y[0])
+        return float(lat), float(lon)
+
+
+@dataclass
+class SearchResult:
+    """Outcome of a search.
+
+    Attributes:
+        hypotheses: terminal hypotheses, most probable first.
+        estimate: ``(lat, lon)`` degrees of the best terminal cell's centre.
+        cov_en: 2x2 east/north covariance of the estimate in m^2 (local ENU at the estimate).
+        confidence: the best hypothesis's probability (0..1).
+        start: the cell the decoder started from (a root, or deeper with a prior).
+    """
+
+    hypotheses: list
+    estimate: tuple
+    cov_en: np.ndarray
+    confidence: float
+    start: Cell = None
+    decoder_calls: int = 0
+    info: dict = field(default_factory=dict)
+
+    @property
+    def cell(self):
+        """The best terminal cell."""
+        return self.hypotheses[0].cell
+
+
+# --------------------------------------------------------------------------------------------
+# Vectorised Web-Mercator helpers (spherical, EPSG:3857 metres)
+
+def cell_center_merc(x, y, z):
+    """Return Mercator ``(X, Y)`` metres of the centres of cells (x, y arrays) at zoom z."""
+    size = 2.0 * _HALF / (2 ** z)
+    return (-_HALF + (np.asarray(x, float) + 0.5) * size,
+            _HALF - (np.asarray(y, float) + 0.5) * size)
+
+
+def _cell_merc_bounds(x, y, z):
+    size = 2.0 * _HALF / (2 ** z)
+    x = np.asarray(x, float)
+    y = np.asarray(y, float)
+    left = -_HALF + x * size
+    top = _HALF - y * size
+    return left, top - size, left + size, top
+
+
+def _lonlat_to_merc(lon, lat):
+    x = EARTH_RADIUS_M * math.radians(lon)
+    y = EARTH_RADIUS_M * math.log(math.tan(math.pi / 4 + math.radians(lat) / 2))
+    return x, y
+
+
+def merc_to_latlon(x, y):
+    """Return ``(lat, lon)`` degrees of Mercator metres (arrays or scalars)."""
+    lon = np.degrees(np.asarray(x, float) / EARTH_RADIUS_M)
+    lat = np.degrees(np.arctan(np.sinh(np.asarray(y, float) / EARTH_RADIUS_M)))
+    return lat, lon
+
+
+def _overlaps(box, x, y, z):
+    left, bottom, right, top = _cell_merc_bounds(x, y, z)
+    xmin, ymin, xmax, ymax = box
+    return (left < xmax) & (right > xmin) & (bottom < ymax) & (top > ymin)
+
+
+# --------------------------------------------------------------------------------------------
+# Covariance
+
+def hypotheses_covariance(cells_xy, zoom, probs, best=0):
+    """Return the 2x2 east/north covariance (m^2) of a set of terminal hypotheses.
+
+    ``cells_xy`` is ``(x, y)`` int arrays of terminal cells at ``zoom``; ``probs`` their
+    probabilities (renormalised here); ``best`` the index of the published estimate. The result
+    is the weighted second moment about the estimate plus the quantisation of one cell
+    (side^2 / 12 per axis).
+    """
+    x, y = cells_xy
+    cx, cy = cell_center_merc(x, y, zoom)
+    lat, _ = merc_to_latlon(cx[best], cy[best])
+    scale = math.cos(math.radians(float(lat)))
+    d = np.stack([(cx - cx[best]) * scale, (cy - cy[best]) * scale], axis=1)
+    w = np.asarray(probs, dtype=float)
+    total = w.sum()
+    w = w / total if total > 0 and np.isfinite(total) else np.full(len(w), 1.0 / len(w))
+    spread = (d * w[:, None]).T @ d
+    side = 2.0 * _HALF / (2 ** zoom) * scale
+    cov = spread + np.eye(2) * (side * side / 12.0)
+    return 0.5 * (cov + cov.T)
+
+
+# --------------------------------------------------------------------------------------------
+# Search
+
+def _log_softmax(logits):
+    m = np.max(logits, axis=1, keepdims=True)
+    m = np.where(np.isfinite(m), m, 0.0)
+    z = logits - m
+    with np.errstate(divide='ignore'):
+        return z - np.log(np.sum(np.exp(z), axis=1, keepdims=True))
+
+
+def _prior_start(bundle, prior, box):
+    """Return ``(start level, start cell or None, roots)`` for a prior's 3-sigma box."""
+    roots = [r for r in bundle.roots if _overlaps(box, r.x, r.y, r.z)]
+    if not roots:
+        raise InputError(f'prior at ({prior.lat:.6f}, {prior.lon:.6f}) and its 3-sigma region '
+                         f'lie outside the map bundle {bundle.path}; search without a prior')
+    lat_c, lon_c = prior.lat, prior.lon
+    box_lat, box_lon = merc_to_latlon(np.array([box[0], box[2]]), np.array([box[3], box[1]]))
+    # The deepest token level at which one cell holds the whole box.
+    for level in range(bundle.steps - 1, 0, -1):
+        z = bundle.levels[level].zoom
+        corners = set()
+        for la, lo in ((box_lat[0], box_lon[0]), (box_lat[1], box_lon[1]), (lat_c, lon_c)):
+            la = float(np.clip(la, -85.0, 85.0))
+            lo = float(np.clip(lo, -180.0, 179.999999))
+            corners.add(cell_at(la, lo, z))
+        if len(corners) == 1:
+            cell = corners.pop()
+            if bundle.contains(cell):
+                return level, cell, [ancestor(cell, bundle.root_zoom)]
+    return 0, None, roots
+
+
+def _search(backend, bundle, g, width, per_root, prior):
+    k, steps = bundle.k, bundle.steps
+    kk = k * k
+    g = np.asarray(g, dtype=np.float32).reshape(1, -1)
+    if g.shape[1] != bundle.embed_dim or not np.all(np.isfinite(g)):
+        raise InputError(f'ground token has shape {g.shape} (finite: '
+                         f'{bool(np.all(np.isfinite(g)))}); expected finite [1, '
+                         f'{bundle.embed_dim}]')
+    prior = Prior.coerce(prior)
+    box = prior.merc_box() if prior is not None else None
+
+    if box is not None:
+        level, start_cell, roots = _prior_start(bundle, prior, box)
+    else:
+        level, start_cell, roots = 0, None, list(bundle.roots)
+
+    if start_cell is not None:
+        root = roots[0]
+        forced = actions_between(root, start_cell, k)
+        chain = [root]
+        for a in forced:
+            chain.append(child(chain[-1], a, k))
+        root_rows = np.array([[bundle.row_of(c) for c in chain]], dtype=np.int64)
+        xs = np.array([start_cell.x], np.int64)
+        ys = np.array([start_cell.y], np.int64)
+        actions = np.array([forced], dtype=np.int64).reshape(1, len(forced))
+        root_id = np.zeros(1, np.int64)
+        roots = [root]
+    else:
+        xs = np.array([r.x for r in roots], np.int64)
+        ys = np.array([r.y for r in roots], np.int64)
+        rows, _ = bundle.token_rows(0, xs, ys)
+        root_rows = rows[:, None]
+        actions = np.zeros((len(roots), 0), np.int64)
+        root_id = np.arange(len(roots), dtype=np.int64)
+    rows_hist = root_rows
+    logp = np.zeros(len(xs))
+    sat = np.asarray(bundle.tokens[rows_hist.ravel()], dtype=np.float32).reshape(
+        len(xs), rows_hist.shape[1], -1)
+    start = start_cell if start_cell is not None else (roots[0] if len(roots) == 1 else None)
+
+    ar = np.arange(kk)
+    rr, cc = ar // k, ar % k
+    calls = 0
+    for lv in range(level, steps):
+        n = len(xs)
+        logits = backend.step_logits(np.repeat(g, n, axis=0), sat, actions)
+        calls += 1
+        logits = np.asarray(logits, dtype=np.float64).reshape(n, kk)
+        cx = xs[:, None] * k + cc[None, :]
+        cy = ys[:, None] * k + rr[None, :]
+        nxt = bundle.levels[lv + 1]
+        valid = nxt.inside(cx, cy)
+        if nxt.offset >= 0 and bundle.coverage is not None:
+            idx, _ = nxt.local_index(cx, cy)
+            cov = np.asarray(bundle.coverage[idx + nxt.offset], dtype=np.float32)
+            valid &= cov >= MIN_COVERAGE
+        if box is not None:
+            valid &= _overlaps(box, cx, cy, nxt.zoom)
+        logits = np.where(valid & np.isfinite(logits), logits, -np.inf)
+        cand = logp[:, None] + _log_softmax(logits)  # [n, kk]
+        flat = cand.ravel()
+        finite = np.isfinite(flat)
+        if not finite.any():
+            return None
+        if per_root:
+            keep = []
+            for r in np.unique(root_id):
+                sel = np.flatnonzero(np.repeat(root_id == r, kk) & finite)
+                if sel.size:
+                    top = sel[np.argsort(-flat[sel], kind='stable')[:width]]
+                    keep.append(top)
+            keep = np.concatenate(keep)
+        else:
+            sel = np.flatnonzero(finite)
+            if sel.size > width:
+                part = np.argpartition(-flat[sel], width - 1)[:width]
+                sel = sel[part]
+            keep = sel[np.argsort(-flat[sel], kind='stable')]
+        parent, act = np.divmod(keep, kk)
+        logp = flat[keep]
+        xs, ys = cx[parent, act], cy[parent, act]
+        root_id = root_id[parent]
+        actions = np.concatenate([actions[parent], act[:, None].astype(np.int64)], axis=1)
+        if lv + 1 < steps:
+            new_rows, _ = bundle.token_rows(lv + 1, xs, ys)
+            new_tok = np.asarray(bundle.tokens[new_rows], dtype=np.float32)
+            sat = np.concatenate([sat[parent], new_tok[:, None, :]], axis=1)
+
+    # Weight roots by their best surviving path.
+    probs = np.exp(logp)
+    if len(roots) > 1:
+        best_per_root = np.zeros(len(roots))
+        np.maximum.at(best_per_root, root_id, probs)
+        weights = best_per_root / best_per_root.sum()
+        probs = probs * weights[root_id]
+    order = np.argsort(-probs, kind='stable')
+    probs, xs, ys, root_id, actions = (probs[order], xs[order], ys[order], root_id[order],
+                                       actions[order])
+    tz = bundle.terminal.zoom
+    hyps = [Hypothesis(Cell(int(x), int(y), tz), float(p), tuple(int(a) for a in path),
+                       roots[int(r)])
+            for x, y, p, path, r in zip(xs, ys, probs, actions, root_id)]
+    cov = hypotheses_covariance((xs, ys), tz, probs, best=0)
+    cx0, cy0 = cell_center_merc(xs[:1], ys[:1], tz)
+    lat, lon = merc_to_latlon(cx0[0], cy0[0])
+    return SearchResult(hyps, (float(lat), float(lon)), cov, float(probs[0]), start, calls,
+                        {'roots_searched': len(roots), 'start_level': level})
+
+
+def greedy(backend, bundle, g, prior=None):
+    """Decode greedily (argmax at every level) from every root; return a SearchResult.
+
+    ``g`` is the frame's ground token ``[D]`` or ``[1, D]``; ``prior`` a :class:`Prior` or
+    ``(lat, lon, sigma_m | 2x2 covariance m^2)``. With several roots, one greedy path per root
+    is decoded (one batched decoder call per level) and the roots are weighted by their path
+    probabilities. Returns None when no cell can be reached (every child masked).
+    """
+    return _search(backend, bundle, g, 1, True, prior)
+
+
+def beam(backend, bundle, g, width=8, prior=None):
+    """Beam search keeping the ``width`` most probable partial paths; return a SearchResult.
+
+    All roots start the beam; at each level the children of every live path are scored in one
+    batched decoder call and the ``width`` best by path probability survive. Returns None when
+    no cell can be reached.
+    """
+    width = int(width)
+    if width < 1:
+        raise InputError(f'beam width {width} must be >= 1')
+    return _search(backend, bundle, g, width, False, prior)
+
+
+def search(backend, bundle, g, method='zoom-beam', width=8, prior=None):
+    """Run ``method`` ('zoom' = greedy, 'zoom-beam' = beam of ``width``)."""
+    if method == 'zoom':
+        return greedy(backend, bundle, g, prior=prior)
+    if method == 'zoom-beam':
+        return beam(backend, bundle, g, width=width, prior=prior)
+    raise InputError(f'search method {method!r} is unknown; use zoom or zoom-beam')
+
+
+def terminal_size_m(bundle, lat):
+    """Return the side of a terminal cell in metres at latitude ``lat``."""
+    return cell_size_m(cell_at(lat, 0.0, bundle.terminal.zoom))

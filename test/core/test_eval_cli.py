@@ -1,0 +1,146 @@
+"""`geozoom index`, `geozoom eval` (every method, index.csv and a drive bag) and `localize`."""
+
+import csv
+import json
+from pathlib import Path
+import sys
+
+import cv2
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_bundle import make_world  # noqa: E402,I100
+
+from geozoom_ros.cli import main  # noqa: E402,I100
+from geozoom_ros.geo import cell_center, destination, LocalFrame  # noqa: E402
+
+pytest.importorskip('torch')
+
+REQUIRED = ('n', 'recall@25m', 'recall@50m', 'recall@100m', 'median_error_m', 'p90_error_m',
+            'nees_mean', 'step_accuracy', 'latency_ms_p50', 'latency_ms_p95', 'chance')
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('evalcli')
+    w = make_world(folder, with_retrieval=True)
+    # Ground images at the centres of the map's level-1 cells, a train and a test split.
+    from geozoom_ros.bundle import load_bundle
+    b = load_bundle(w['bundle'])
+    (folder / 'ground').mkdir()
+    rows = []
+    rng = np.random.default_rng(0)
+    for i, cell in enumerate(b.levels[1].cells()):
+        lat, lon = cell_center(cell)
+        if not (b.bounds[1] < lat < b.bounds[3] and b.bounds[0] < lon < b.bounds[2]):
+            continue
+        for split in ('train', 'test-same'):
+            name = f'ground/{i}_{split}.jpg'
+            img = rng.integers(0, 255, (36, 48, 3), dtype=np.uint8)
+            cv2.imwrite(str(folder / name), img)
+            jlat, jlon = destination(lat, lon, 45.0 * i, 10.0)
+            rows.append({'path': name, 'lat': jlat, 'lon': jlon, 'heading_deg': 30.0 * i,
+                         'split': split})
+    rows.append({'path': 'ground/missing.jpg', 'lat': lat, 'lon': lon, 'heading_deg': 0,
+                 'split': 'test-same'})
+    with open(folder / 'index.csv', 'w', newline='') as f:
+        wr = csv.DictWriter(f, fieldnames=['path', 'lat', 'lon', 'heading_deg', 'split'])
+        wr.writeheader()
+        wr.writerows(rows)
+    w['index'] = folder / 'index.csv'
+    w['n_test'] = sum(r['split'] == 'test-same' for r in rows) - 1
+    w['folder'] = folder
+    return w
+
+
+def _run_json(capsys, argv):
+    assert main(argv) == 0
+    out = capsys.readouterr().out.strip().splitlines()
+    assert len(out) == 1
+    return json.loads(out[0])
+
+
+@pytest.mark.parametrize('method, model', [('zoom', 'policy'), ('zoom-beam', 'policy'),
+                                           ('retrieval', 'retr'), ('sim-zoom', 'retr'),
+                                           ('ground-knn', 'retr')])
+def test_eval_json_has_every_key_for_every_method(world, capsys, method, model):
+    res = _run_json(capsys, ['eval', '--bundle', str(world['bundle']), '--model',
+                             str(world[model]), '--data', str(world['index']), '--split',
+                             'test-same', '--method', method, '--beam-width', '3', '--json'])
+    for key in REQUIRED:
+        assert key in res, key
+    assert res['method'] == method and res['n'] == world['n_test']
+    assert res['skipped_rows'] == 1 and res['fixes'] == world['n_test']
+    for d in (25, 50, 100):
+        assert 0 <= res[f'recall@{d}m'] <= 1 and 0 < res['chance'][f'recall@{d}m'] < 1
+    assert res['recall@25m'] <= res['recall@50m'] <= res['recall@100m']
+    assert res['median_error_m'] <= res['p90_error_m'] < 2000
+    assert res['nees_mean'] > 0 and res['latency_ms_p95'] >= res['latency_ms_p50'] > 0
+    assert res['chance']['step_accuracy'] == [0.25, 0.25]
+    if method == 'retrieval' or method == 'ground-knn':
+        assert res['step_accuracy'] is None
+    else:
+        assert len(res['step_accuracy']) == 2
+        assert all(0 <= a <= 1 for a in res['step_accuracy'])
+    if method == 'ground-knn':
+        assert res['train_images'] == world['n_test']
+
+
+def test_eval_with_a_prior_and_a_limit(world, capsys):
+    res = _run_json(capsys, ['eval', '--bundle', str(world['bundle']), '--model',
+                             str(world['policy']), '--data', str(world['index']), '--split',
+                             'test-same', '--prior-sigma-m', '5', '--limit', '2', '--json'])
+    assert res['n'] == 2 and res['prior_sigma_m'] == 5.0
+    # A 5 m prior pins the search to the truth's neighbourhood: within a terminal cell or two.
+    assert res['p90_error_m'] < 200
+
+
+def test_eval_reads_a_drive_bag(world, capsys, tmp_path):
+    from geozoom_ros.world.drive import write_drive_bag_from_poses
+
+    w, s, e, n = world['bounds']
+    frame = LocalFrame((s + n) / 2, (w + e) / 2)
+    t = np.arange(4) * 0.2
+    enu = np.stack([t * 50.0, t * 20.0], axis=1)
+    images = [np.random.default_rng(i).integers(0, 255, (36, 48, 3), dtype=np.uint8)
+              for i in range(4)]
+    bag = write_drive_bag_from_poses(tmp_path / 'drive.mcap', frame, t, enu, images,
+                                     progress=False)
+    res = _run_json(capsys, ['eval', '--bundle', str(world['bundle']), '--model',
+                             str(world['policy']), '--data', str(bag), '--method', 'zoom',
+                             '--json'])
+    assert res['n'] == 4 and res['fixes'] == 4
+
+
+def test_index_and_localize_commands(world, capsys, tmp_path):
+    out = tmp_path / 'bundle'
+    assert main(['index', '--map', str(world['map']), '--model', str(world['policy']), '-o',
+                 str(out), '--no-progress']) == 0
+    text = capsys.readouterr().out
+    assert '2 root(s) at zoom 16' in text and (out / 'manifest.json').is_file()
+    img = tmp_path / 'q.png'
+    cv2.imwrite(str(img), np.full((40, 40, 3), 120, np.uint8))
+    assert main(['localize', '--bundle', str(out), '--model', str(world['policy']), str(img),
+                 str(img), '--json']) == 0
+    lines = [json.loads(s) for s in capsys.readouterr().out.strip().splitlines()]
+    assert len(lines) == 2 and lines[0]['lat'] == lines[1]['lat']
+    assert np.all(np.linalg.eigvalsh(np.array(lines[0]['cov_en_m2'])) > 0)
+    assert main(['localize', '--bundle', str(out), '--model', str(world['policy']),
+                 str(img)]) == 0
+    assert 'confidence' in capsys.readouterr().out
+
+
+@pytest.mark.parametrize('argv_tail, message', [
+    (['--data', 'nowhere.csv'], 'does not exist'),
+    (['--data', '{index}', '--split', 'nope'], "no rows of split 'nope'"),
+    (['--data', '{index}', '--method', 'retrieval', '--model', '{other}'], 'not a retrieval'),
+    (['--data', '{index}', '--model', '{other}'], 'was built for model'),
+    (['--data', '{index}', '--beam-width', '0'], 'must be a positive'),
+])
+def test_eval_bad_input_is_one_line_exit_2(world, capsys, argv_tail, message):
+    argv = ['eval', '--bundle', str(world['bundle']), '--model', str(world['policy'])]
+    argv += [a.format(index=world['index'], other=world['other']) for a in argv_tail]
+    assert main(argv + ['--json']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith('geozoom eval: error:') and message in err[-1]

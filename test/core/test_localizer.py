@@ -1,0 +1,108 @@
+"""GeoZoomLocalizer with the torch backend, a real tiny ZoomPolicy and a real MBTiles bundle."""
+
+from pathlib import Path
+import sys
+
+import numpy as np
+import pytest
+
+sys.path.insert(0, str(Path(__file__).parent))
+from test_bundle import make_world  # noqa: E402,I100
+
+from geozoom_ros.errors import ConfigError, InputError, MismatchError  # noqa: E402,I100
+from geozoom_ros.geo import ancestor, cell_center, geodesic_distance_m  # noqa: E402
+from geozoom_ros.localizer import Fix, GeoZoomLocalizer  # noqa: E402
+from geozoom_ros.runtime import BackendUnavailable, load_backend  # noqa: E402
+from geozoom_ros.search import beam  # noqa: E402
+
+pytest.importorskip('torch')
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    return make_world(tmp_path_factory.mktemp('loc'), with_retrieval=False)
+
+
+@pytest.fixture(scope='module')
+def loc(world):
+    return GeoZoomLocalizer(world['bundle'], world['policy'], backend='auto', beam_width=4)
+
+
+def _image(seed, h=48, w=64):
+    return np.random.default_rng(seed).integers(0, 255, (h, w, 3), dtype=np.uint8)
+
+
+def test_localize_returns_a_fix_inside_the_map(loc):
+    fix = loc.localize(_image(1))
+    assert isinstance(fix, Fix)
+    assert loc.bundle.contains(fix.cell)
+    assert ancestor(fix.cell, loc.bundle.root_zoom) in loc.bundle.roots
+    w, s, e, n = loc.bundle.bounds
+    assert geodesic_distance_m(fix.lat, fix.lon, *cell_center(fix.cell)) < 0.05
+    assert s - 0.002 < fix.lat < n + 0.002 and w - 0.003 < fix.lon < e + 0.003
+    assert np.all(np.linalg.eigvalsh(fix.cov_en) > 0) and np.all(np.isfinite(fix.cov_en))
+    assert 0 < fix.confidence <= 1
+    assert 1 <= len(fix.hypotheses) <= 4
+    assert sum(h.prob for h in fix.hypotheses) <= 1 + 1e-9
+    assert set(fix.latency_ms) == {'encoder', 'search', 'total'}
+    assert fix.latency_ms['total'] >= fix.latency_ms['encoder'] > 0
+    cov9 = fix.position_covariance()
+    assert len(cov9) == 9 and cov9[0] == fix.cov_en[0, 0] and cov9[8] > 0
+
+
+def test_localize_matches_the_search_on_the_backend_directly(loc):
+    img = _image(2, 40, 40)
+    fix = loc.localize(img)
+    g = loc.backend.encode_ground([img])[0]
+    res = beam(loc.backend, loc.bundle, g, width=4)
+    assert fix.cell == res.cell and fix.confidence == pytest.approx(res.confidence, rel=1e-5)
+    np.testing.assert_allclose(fix.cov_en, res.cov_en, rtol=1e-5)
+
+
+def test_greedy_and_prior(world, loc):
+    greedy = GeoZoomLocalizer(world['bundle'], world['policy'], backend='torch', method='zoom')
+    fix = greedy.localize(_image(3))
+    assert fix is not None and len(fix.hypotheses) == 2  # one greedy path per root
+    target = loc.bundle.levels[1].cells()[-1]
+    lat, lon = cell_center(target)
+    pfix = loc.localize(_image(3), prior=(lat, lon, 20.0))
+    assert geodesic_distance_m(pfix.lat, pfix.lon, lat, lon) < 3 * 20 * 1.5 + 160
+
+
+@pytest.mark.parametrize('bad, match', [
+    (np.zeros((0, 10, 3), np.uint8), 'at least 8x8'),
+    (np.zeros((32, 32, 3), np.float32), 'dtype float32'),
+    (np.zeros((32, 32), np.uint8), 'shape'),
+    (np.zeros((32, 32, 4), np.uint8), 'shape'),
+    ([[1, 2, 3]], 'not a numpy array'),
+])
+def test_bad_images_are_one_line_input_errors(loc, bad, match):
+    with pytest.raises(InputError, match=match) as exc:
+        loc.localize(bad)
+    assert '\n' not in str(exc.value)
+
+
+def test_bad_heading_prior_and_configuration(world, loc):
+    with pytest.raises(InputError, match='heading'):
+        loc.localize(_image(4), heading_deg=float('nan'))
+    with pytest.raises(InputError, match='outside the map'):
+        loc.localize(_image(4), prior=(0.0, 0.0, 10.0))
+    with pytest.raises(InputError, match='prior'):
+        loc.localize(_image(4), prior='here')
+    with pytest.raises(MismatchError, match='geozoom index'):
+        GeoZoomLocalizer(world['bundle'], world['other'], backend='torch')
+    with pytest.raises(ConfigError, match='unknown'):
+        load_backend('nope', world['policy'])
+    with pytest.raises(ConfigError, match='method'):
+        GeoZoomLocalizer(world['bundle'], world['policy'], method='teleport')
+    with pytest.raises(InputError, match='does not exist'):
+        GeoZoomLocalizer(world['bundle'], world['bundle'] / 'missing-model', backend='torch')
+
+
+def test_unavailable_backend_says_why_in_one_line(world):
+    try:
+        load_backend('tensorrt', world['policy'])
+    except BackendUnavailable as exc:
+        assert '\n' not in str(exc) and 'tensorrt' in str(exc)
+    except Exception as exc:  # noqa: B902 - a later, installed backend may fail otherwise
+        pytest.skip(f'tensorrt backend present here: {exc}')

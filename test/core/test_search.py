@@ -1,0 +1,270 @@
+"""Zoom search on a real bundle file with a planted-path backend (numpy, no torch)."""
+
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+
+from geozoom_ros.bundle import load_bundle, make_levels, write_bundle
+from geozoom_ros.errors import InputError
+from geozoom_ros.geo import (actions_between, ancestor, Cell, cell_at, cell_bounds, cell_center,
+                             cell_size_m, child, geodesic_distance_m)
+from geozoom_ros.runtime.base import PolicyBackend
+from geozoom_ros.search import beam, greedy, hypotheses_covariance, Prior
+
+K, STEPS, ROOT_Z, D = 4, 3, 14, 8
+ROOT = cell_at(48.137, 11.575, ROOT_Z)
+
+
+def _make_bundle(tmp_path, bounds, coverage_fn=None, name='b'):
+    levels = make_levels(bounds, ROOT_Z, K, STEPS)
+    n = sum(lv.count for lv in levels if lv.offset >= 0)
+    tokens = np.zeros((n, D), np.float32)
+    tokens[:, 0] = np.arange(n)  # a token names its own row: float16 holds ints < 2048 exactly
+    tokens[:, 1] = 1.0
+    coverage = np.ones(n, np.float32)
+    if coverage_fn is not None:
+        for lv in levels[:-1]:
+            for i, c in enumerate(lv.cells()):
+                coverage[lv.offset + i] = coverage_fn(c)
+    extra = {'grid_k': K, 'steps': STEPS, 'root_zoom': ROOT_Z, 'view_size': 64,
+             'map': {'path': 'test.mbtiles', 'sha256': 'x', 'bounds': list(bounds)},
+             'model': {'hash': 'f' * 64}}
+    return load_bundle(write_bundle(tmp_path / name, levels, tokens, extra, coverage))
+
+
+def _shrink(bounds, eps=1e-6):
+    w, s, e, n = bounds
+    return (w + eps, s + eps, e - eps, n - eps)
+
+
+class PlantedBackend(PolicyBackend):
+    """Scores actions from a table keyed by the current cell, read back from its token.
+
+    ``table`` maps a cell to a [k*k] logit vector; other cells get uniform logits. Every call
+    checks that the tokens it receives belong to the cells its action history reaches.
+    """
+
+    name = 'planted'
+
+    def __init__(self, bundle, table):
+        self.config = SimpleNamespace(grid_k=K, steps=STEPS, root_zoom=ROOT_Z, embed_dim=D)
+        self.model_hash = 'f' * 64
+        self.table = table
+        self.calls = []
+        self.row_cell = {}
+        for lv in bundle.levels[:-1]:
+            for i, c in enumerate(lv.cells()):
+                self.row_cell[lv.offset + i] = c
+
+    def encode_ground(self, images, headings=None):
+        return np.ones((len(images), D), np.float32)
+
+    def step_logits(self, g, sat, actions):
+        b, t1, _ = sat.shape
+        assert g.shape == (b, D) and actions.shape == (b, t1 - 1)
+        assert actions.dtype == np.int64
+        self.calls.append(b)
+        out = np.zeros((b, K * K), np.float32)
+        for i in range(b):
+            cells = [self.row_cell[int(round(r))] for r in sat[i, :, 0]]
+            for t, a in enumerate(actions[i]):
+                assert child(cells[t], int(a), K) == cells[t + 1]
+            out[i] = self.table.get(cells[-1], np.zeros(K * K))
+        return out
+
+
+def _plant(table, target, root, strength=5.0):
+    """Make every ancestor of ``target`` (from ``root``) favour the step towards it."""
+    path = actions_between(root, target, K)
+    cell = root
+    for a in path:
+        logits = np.zeros(K * K)
+        logits[a] = strength
+        table[cell] = logits
+        cell = child(cell, a, K)
+    return path
+
+
+def _softmax(v):
+    e = np.exp(v - v.max())
+    return e / e.sum()
+
+
+def _path_prob(backend, root, path):
+    p, cell = 1.0, root
+    for a in path:
+        p *= _softmax(backend.table.get(cell, np.zeros(K * K)))[a]
+        cell = child(cell, a, K)
+    return p
+
+
+@pytest.fixture(scope='module')
+def one_root(tmp_path_factory):
+    return _make_bundle(tmp_path_factory.mktemp('search'), _shrink(cell_bounds(ROOT)))
+
+
+def _terminal(root, actions):
+    cell = root
+    for a in actions:
+        cell = child(cell, a, K)
+    return cell
+
+
+def test_greedy_and_beam_return_the_planted_cell(one_root):
+    target = _terminal(ROOT, [5, 10, 3])
+    table = {}
+    _plant(table, target, ROOT)
+    backend = PlantedBackend(one_root, table)
+    for result in (greedy(backend, one_root, np.ones(D)),
+                   beam(backend, one_root, np.ones(D), width=4)):
+        best = result.hypotheses[0]
+        assert best.cell == target and best.path == (5, 10, 3)
+        p_step = np.exp(5.0) / (np.exp(5.0) + 15)
+        assert best.prob == pytest.approx(p_step ** 3, rel=1e-5)
+        assert result.confidence == pytest.approx(best.prob)
+        lat, lon = cell_center(target)
+        assert geodesic_distance_m(lat, lon, *result.estimate) < 0.05
+    # One batched decoder call per level, whatever the width.
+    assert backend.calls[-3:] == [1, 4, 4]
+
+
+def test_beam_escapes_a_first_step_trap_that_greedy_falls_into(one_root):
+    table = {}
+    good = _terminal(ROOT, [9, 6, 12])
+    _plant(table, good, ROOT, strength=8.0)
+    root_logits = np.zeros(K * K)
+    root_logits[2] = 2.0   # the trap: slightly better first step, then no idea at all
+    root_logits[9] = 1.8
+    table[ROOT] = root_logits
+    backend = PlantedBackend(one_root, table)
+    g = greedy(backend, one_root, np.ones(D))
+    b = beam(backend, one_root, np.ones(D), width=4)
+    assert g.hypotheses[0].path[0] == 2
+    assert b.hypotheses[0].cell == good
+    assert b.confidence > 10 * g.confidence
+    # Probabilities are products of step softmaxes, sorted, and sum to at most 1.
+    probs = [h.prob for h in b.hypotheses]
+    assert probs == sorted(probs, reverse=True)
+    assert sum(probs) <= 1.0 + 1e-9
+    for h in b.hypotheses:
+        assert h.prob == pytest.approx(_path_prob(backend, ROOT, h.path), rel=1e-5)
+        assert _terminal(ROOT, h.path) == h.cell
+    assert len(b.hypotheses) == 4
+
+
+def test_covariance_is_positive_definite_and_at_least_quantisation(one_root):
+    table = {}
+    _plant(table, _terminal(ROOT, [0, 15, 7]), ROOT, strength=1.0)  # a weak, spread beam
+    backend = PlantedBackend(one_root, table)
+    result = beam(backend, one_root, np.ones(D), width=8)
+    side = cell_size_m(result.cell)
+    q = side * side / 12.0
+    eig = np.linalg.eigvalsh(result.cov_en)
+    assert np.all(np.isfinite(result.cov_en)) and np.allclose(result.cov_en, result.cov_en.T)
+    assert eig.min() >= q * (1 - 1e-6)
+    assert eig.max() > 2 * q  # the beam's spread adds to the quantisation
+    single = greedy(backend, one_root, np.ones(D))
+    assert np.allclose(single.cov_en, np.eye(2) * q, rtol=1e-3)
+
+
+def test_hypotheses_covariance_matches_hand_computation():
+    z = 20
+    c0 = cell_at(0.0001, 0.0001, z)
+    c1 = Cell(c0.x + 2, c0.y, z)  # two cells east
+    side = cell_size_m(c0)
+    cov = hypotheses_covariance((np.array([c0.x, c1.x]), np.array([c0.y, c1.y])), z,
+                                [0.3, 0.1], best=0)
+    # weights 0.75 / 0.25; offset of the second centre: 2 sides east
+    expect_ee = 0.25 * (2 * side) ** 2 + side ** 2 / 12
+    assert cov[0, 0] == pytest.approx(expect_ee, rel=1e-3)
+    assert cov[1, 1] == pytest.approx(side ** 2 / 12, rel=1e-3)
+    assert abs(cov[0, 1]) < 1e-6 * expect_ee
+
+
+def test_several_roots(tmp_path):
+    east = Cell(ROOT.x + 1, ROOT.y, ROOT_Z)
+    w, s, _, n = cell_bounds(ROOT)
+    bounds = (w + 0.01, s + 0.001, cell_bounds(east)[2] - 0.01, n - 0.001)
+    bundle = _make_bundle(tmp_path, bounds)
+    assert bundle.roots == [ROOT, east]
+    # Terminal cells outside the map's bounds are not in the bundle: plant inside.
+    lat, lon = cell_center(Cell(east.x * 4 + 1, east.y * 4 + 2, ROOT_Z + 2))
+    target = cell_at(lat, lon, ROOT_Z + 2 * STEPS)
+    table = {}
+    _plant(table, target, east, strength=6.0)
+    backend = PlantedBackend(bundle, table)
+    for result in (greedy(backend, bundle, np.ones(D)), beam(backend, bundle, np.ones(D), 6)):
+        assert result.hypotheses[0].cell == target
+        assert result.hypotheses[0].root == east
+        assert sum(h.prob for h in result.hypotheses) <= 1 + 1e-9
+        assert result.info['roots_searched'] == 2
+    assert backend.calls[0] == 2  # both roots decoded in one call
+
+
+def test_children_outside_the_map_or_without_imagery_are_never_chosen(tmp_path):
+    w, s, e, n = cell_bounds(ROOT)
+    half = (w + 1e-6, s + 1e-6, (w + e) / 2 - 1e-6, n - 1e-6)  # the west half of the root
+    blank = Cell(ROOT.x * 4, ROOT.y * 4, ROOT_Z + 2)           # north-west child: no imagery
+    bundle = _make_bundle(tmp_path, half, coverage_fn=lambda c: 0.0 if c == blank else 1.0)
+    table = {ROOT: np.where(np.arange(16) % 4 >= 2, 9.0, 0.0)}  # loves the eastern columns
+    table[ROOT][0] = 8.0
+    backend = PlantedBackend(bundle, table)
+    result = beam(backend, bundle, np.ones(D), width=16)
+    for h in result.hypotheses:
+        assert h.path[0] % 4 < 2 and h.path[0] != 0
+    assert sum(h.prob for h in result.hypotheses) <= 1 + 1e-9
+
+
+def test_prior_excludes_a_planted_answer_outside_its_region(one_root):
+    target = _terminal(ROOT, [0, 0, 0])           # north-west corner of the root
+    table = {}
+    _plant(table, target, ROOT, strength=10.0)
+    backend = PlantedBackend(one_root, table)
+    lat, lon = cell_center(_terminal(ROOT, [15]))  # far south-east
+    prior = Prior.from_sigma(lat, lon, 300.0)
+    result = beam(backend, one_root, np.ones(D), width=4, prior=prior)
+    assert result.hypotheses[0].cell != target
+    for h in result.hypotheses:
+        hl, ho = h.center
+        assert geodesic_distance_m(hl, ho, lat, lon) < 3 * 300 * 1.5 + cell_size_m(h.cell)
+    assert greedy(backend, one_root, np.ones(D)).hypotheses[0].cell == target
+
+
+def test_small_prior_starts_deeper_with_forced_actions(one_root):
+    mid = _terminal(ROOT, [6, 9])                # a level-2 cell (zoom 18)
+    target = _terminal(ROOT, [6, 9, 5])  # a central child: inside the prior
+    table = {}
+    _plant(table, target, ROOT)
+    backend = PlantedBackend(one_root, table)
+    lat, lon = cell_center(mid)
+    result = greedy(backend, one_root, np.ones(D), prior=(lat, lon, 4.0))
+    assert result.start == mid and result.info['start_level'] == 2
+    assert result.decoder_calls == 1
+    best = result.hypotheses[0]
+    assert best.cell == target and best.path == (6, 9, 5)
+    # The forced steps count with probability 1: only the last step's softmax remains, over
+    # the four central children that overlap the 12 m prior region.
+    assert best.prob == pytest.approx(np.exp(5.0) / (np.exp(5.0) + 3), rel=1e-5)
+    assert {h.path[-1] for h in beam(backend, one_root, np.ones(D), 16,
+                                     prior=(lat, lon, 4.0)).hypotheses} == {5, 6, 9, 10}
+    # A wider prior starts at the level whose cell holds its region, or at the root.
+    wide = greedy(backend, one_root, np.ones(D), prior=(lat, lon, 60.0))
+    assert wide.info['start_level'] < 2
+    assert ancestor(wide.hypotheses[0].cell, ROOT_Z) == ROOT
+
+
+def test_bad_prior_and_bad_token_are_one_line_errors(one_root):
+    backend = PlantedBackend(one_root, {})
+    with pytest.raises(InputError, match='outside the map bundle'):
+        beam(backend, one_root, np.ones(D), prior=(10.0, 10.0, 50.0))
+    with pytest.raises(InputError, match='positive finite'):
+        beam(backend, one_root, np.ones(D), prior=(48.1, 11.5, -5.0))
+    with pytest.raises(InputError, match='not symmetric positive definite'):
+        beam(backend, one_root, np.ones(D), prior=(48.1, 11.5, [[1.0, 2.0], [2.0, 1.0]]))
+    with pytest.raises(InputError, match='not finite'):
+        beam(backend, one_root, np.ones(D), prior=(float('nan'), 11.5, 5.0))
+    with pytest.raises(InputError, match='ground token'):
+        beam(backend, one_root, np.ones(D + 1))
+    with pytest.raises(InputError, match='beam width'):
+        beam(backend, one_root, np.ones(D), width=0)
