@@ -7,6 +7,8 @@ is encoded offline into a bundle directory::
     BUNDLE/tokens.f16.npy       float16 [N, D] policy tokens, memory-mapped at load
     BUNDLE/coverage.f16.npy     float16 [N] imagery coverage fraction of each token's view
     BUNDLE/retrieval.f16.npy    optional float16 [M, E] retrieval-baseline embeddings
+    BUNDLE/retrieval_heading.f16.npy  optional float16 [8, T, E]: terminal cells' crops rotated
+                                to 8 headings, for heading-aligned retrieval models
 
 Levels are numbered from the roots (level 0, zoom ``root_zoom``) down to the terminal level
 ``steps`` (zoom ``root_zoom + steps * log2(k)``). Tokens exist for levels ``0 .. steps - 1``:
@@ -40,6 +42,9 @@ MANIFEST = 'manifest.json'
 TOKENS_FILE = 'tokens.f16.npy'
 COVERAGE_FILE = 'coverage.f16.npy'
 RETRIEVAL_FILE = 'retrieval.f16.npy'
+RETRIEVAL_HEADING_FILE = 'retrieval_heading.f16.npy'
+#: Headings (evenly spaced from north) at which heading-aligned retrieval crops are stored.
+HEADING_BINS = 8
 
 
 # --------------------------------------------------------------------------------------------
@@ -180,6 +185,8 @@ class Bundle:
         tokens: float16 ``[N, D]`` memory map.
         coverage: float16 ``[N]`` imagery coverage of each token's view (0..1).
         retrieval: float16 ``[M, E]`` retrieval embeddings of every level's cells, or None.
+        retrieval_heading: float16 ``[bins, T, E]`` terminal-cell embeddings of crops rotated
+            to ``bins`` evenly spaced headings (heading-aligned retrieval models), or None.
         model_hash: the hash of the model the tokens were made with.
     """
 
@@ -197,6 +204,7 @@ class Bundle:
         self.tokens = tokens
         self.coverage = coverage
         self.retrieval = retrieval
+        self.retrieval_heading = None
         self._zoom_to_level = {lv.zoom: lv for lv in self.levels}
 
     @property
@@ -345,11 +353,16 @@ def load_bundle(path, backend_or_model_hash=None):
     coverage = None
     if (path / COVERAGE_FILE).is_file():
         coverage = _open_array(path / COVERAGE_FILE, (n,), 'coverage')
-    retrieval = None
+    retrieval = heading = None
     if manifest.get('retrieval'):
         r = manifest['retrieval']
         retrieval = _open_array(path / RETRIEVAL_FILE, tuple(r['shape']), 'retrieval')
+        if r.get('heading_bins'):
+            term = manifest['levels'][-1]['cells']
+            heading = _open_array(path / RETRIEVAL_HEADING_FILE,
+                                  (int(r['heading_bins']), term, r['shape'][1]), 'retrieval')
     bundle = Bundle(path, manifest, tokens, coverage, retrieval)
+    bundle.retrieval_heading = heading
     bundle.check_model(backend_or_model_hash)
     return bundle
 
@@ -399,8 +412,11 @@ def _check_out_dir(out_dir):
         if any(out_dir.iterdir()) and not (out_dir / MANIFEST).is_file():
             raise InputError(f'output {out_dir} is a non-empty directory that is not a map '
                              'bundle; choose another -o path')
-    if not out_dir.parent.is_dir():
-        raise InputError(f'output folder {out_dir.parent} does not exist; create it first')
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise InputError(f'cannot create the output folder {out_dir.parent}: '
+                         f'{exc.strerror}') from None
     if not os.access(out_dir.parent, os.W_OK):
         raise InputError(f'output folder {out_dir.parent} is not writable')
 
@@ -607,5 +623,28 @@ def _build_retrieval(store, levels, retr, tmp, batch_size, progress, context_m, 
                       f'retrieval level {lv.index} (zoom {lv.zoom})')
     out.flush()
     del out
-    return {'model_hash': retr.model_hash, 'context_m': context, 'crop_size': size,
-            'file': RETRIEVAL_FILE, 'shape': [m, e]}
+    info = {'model_hash': retr.model_hash, 'context_m': context, 'crop_size': size,
+            'file': RETRIEVAL_FILE, 'shape': [m, e], 'heading_bins': 0}
+    if getattr(retr.config, 'heading_aligned', False):
+        # A heading-aligned model compares the camera with crops rotated to its heading: store
+        # the terminal cells at HEADING_BINS headings; a query uses its nearest bin.
+        term = levels[-1]
+        cells = term.cells()
+        side = max(cell_size_m(cells[0]), context)
+        hout = np.lib.format.open_memmap(tmp / RETRIEVAL_HEADING_FILE, mode='w+',
+                                         dtype=np.float16,
+                                         shape=(HEADING_BINS, term.count, e))
+        for b in range(HEADING_BINS):
+            heading = b * 360.0 / HEADING_BINS
+
+            def render(c, heading=heading):
+                lat, lon = cell_center(c)
+                return render_crop(store, lat, lon, side, size, heading_deg=heading)
+
+            _encode_cells(cells, render, retr.embed_map, hout[b], batch_size, progress,
+                          f'retrieval terminal cells, heading {heading:.0f} deg')
+        hout.flush()
+        del hout
+        info['heading_bins'] = HEADING_BINS
+        info['heading_file'] = RETRIEVAL_HEADING_FILE
+    return info

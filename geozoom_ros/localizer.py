@@ -69,11 +69,13 @@ class GeoZoomLocalizer:
         method: 'zoom-beam' (default) or 'zoom' (greedy).
         cov_scale: factor applied to every published covariance (a calibration hook; 1 keeps
             the search's covariance).
+        residual_cov: add the probability mass outside the hypotheses, spread over the
+            searched region, to the covariance (see ``geozoom_ros.search``).
         backend_options: keyword arguments for the backend (e.g. ``device='cuda'``).
     """
 
     def __init__(self, bundle_path, model_path, backend='auto', beam_width=8,
-                 method='zoom-beam', cov_scale=1.0, **backend_options):
+                 method='zoom-beam', cov_scale=1.0, residual_cov=False, **backend_options):
         if method not in METHODS:
             raise ConfigError(f'method {method!r} is unknown; use one of {", ".join(METHODS)}')
         if int(beam_width) < 1:
@@ -88,6 +90,7 @@ class GeoZoomLocalizer:
         self.method = method
         self.beam_width = int(beam_width)
         self.cov_scale = float(cov_scale)
+        self.residual_cov = bool(residual_cov)
 
     @property
     def heading_input(self):
@@ -97,8 +100,9 @@ class GeoZoomLocalizer:
     def search(self, g, prior=None):
         """Search the cell tree with a ground token ``g`` ``[D]``; return a SearchResult."""
         if self.method == 'zoom':
-            return greedy(self.backend, self.bundle, g, prior=prior)
-        return beam(self.backend, self.bundle, g, width=self.beam_width, prior=prior)
+            return greedy(self.backend, self.bundle, g, prior=prior, residual=self.residual_cov)
+        return beam(self.backend, self.bundle, g, width=self.beam_width, prior=prior,
+                    residual=self.residual_cov)
 
     def localize(self, image_rgb, heading_deg=None, prior=None):
         """Localise one frame; return a :class:`Fix`, or None when no cell can be reached.

@@ -17,9 +17,11 @@ probability is its path probability times its root's weight, so probabilities su
 Covariance. The published position is the best terminal cell's centre. Its covariance (east,
 north; m^2) is the probability-weighted second moment of the hypotheses' terminal centres about
 that estimate (weights renormalised over the hypotheses) plus the terminal cell's quantisation
-(side^2 / 12 per axis), so it is never singular. Offsets use the local tangent plane of the
-Web-Mercator sphere at the estimate (Mercator metres times cos(latitude)), accurate to about
-0.1% within a root cell: plenty for a covariance.
+(side^2 / 12 per axis), so it is never singular. Optionally (``residual=True``) the
+probability mass the hypotheses do not hold is counted as spread uniformly over the searched
+region (the map, the prior's region or the cell the search started from). Offsets use the local
+tangent plane of the Web-Mercator sphere at the estimate (Mercator metres times
+cos(latitude)), accurate to about 0.1% within a root cell: plenty for a covariance.
 
 numpy only: no torch.
 """
@@ -239,7 +241,7 @@ def _prior_start(bundle, prior, box):
     return 0, None, roots
 
 
-def _search(backend, bundle, g, width, per_root, prior):
+def _search(backend, bundle, g, width, per_root, prior, residual=False):
     k, steps = bundle.k, bundle.steps
     kk = k * k
     g = np.asarray(g, dtype=np.float32).reshape(1, -1)
@@ -343,42 +345,57 @@ def _search(backend, bundle, g, width, per_root, prior):
                        roots[int(r)])
             for x, y, p, path, r in zip(xs, ys, probs, actions, root_id)]
     cov = hypotheses_covariance((xs, ys), tz, probs, best=0)
+    mass = float(min(1.0, probs.sum()))
+    if residual and mass < 1.0:
+        # The probability the search lost (paths pruned or never explored) lies somewhere in
+        # the region it started from: count it as uniform over that region.
+        lv0 = bundle.levels[0]
+        side = max(lv0.nx, lv0.ny) * cell_size_m(roots[0])
+        if start_cell is not None:
+            side = cell_size_m(start_cell)
+        elif box is not None:
+            side = min(side, 2.0 * PRIOR_SIGMAS * math.sqrt(float(np.max(np.diag(
+                np.asarray(prior.cov_en, float))))))
+        cov = cov + np.eye(2) * (1.0 - mass) * side * side / 12.0
     cx0, cy0 = cell_center_merc(xs[:1], ys[:1], tz)
     lat, lon = merc_to_latlon(cx0[0], cy0[0])
     return SearchResult(hyps, (float(lat), float(lon)), cov, float(probs[0]), start, calls,
-                        {'roots_searched': len(roots), 'start_level': level})
+                        {'roots_searched': len(roots), 'start_level': level, 'mass': mass})
 
 
-def greedy(backend, bundle, g, prior=None):
+def greedy(backend, bundle, g, prior=None, residual=False):
     """Decode greedily (argmax at every level) from every root; return a SearchResult.
 
     ``g`` is the frame's ground token ``[D]`` or ``[1, D]``; ``prior`` a :class:`Prior` or
     ``(lat, lon, sigma_m | 2x2 covariance m^2)``. With several roots, one greedy path per root
     is decoded (one batched decoder call per level) and the roots are weighted by their path
-    probabilities. Returns None when no cell can be reached (every child masked).
+    probabilities. ``residual=True`` adds the probability mass the hypotheses do not hold,
+    spread uniformly over the searched region, to the covariance (an honest covariance for
+    low-confidence fixes; off by default). Returns None when no cell can be reached (every
+    child masked).
     """
-    return _search(backend, bundle, g, 1, True, prior)
+    return _search(backend, bundle, g, 1, True, prior, residual)
 
 
-def beam(backend, bundle, g, width=8, prior=None):
+def beam(backend, bundle, g, width=8, prior=None, residual=False):
     """Beam search keeping the ``width`` most probable partial paths; return a SearchResult.
 
     All roots start the beam; at each level the children of every live path are scored in one
-    batched decoder call and the ``width`` best by path probability survive. Returns None when
-    no cell can be reached.
+    batched decoder call and the ``width`` best by path probability survive. ``residual`` as
+    in :func:`greedy`. Returns None when no cell can be reached.
     """
     width = int(width)
     if width < 1:
         raise InputError(f'beam width {width} must be >= 1')
-    return _search(backend, bundle, g, width, False, prior)
+    return _search(backend, bundle, g, width, False, prior, residual)
 
 
-def search(backend, bundle, g, method='zoom-beam', width=8, prior=None):
+def search(backend, bundle, g, method='zoom-beam', width=8, prior=None, residual=False):
     """Run ``method`` ('zoom' = greedy, 'zoom-beam' = beam of ``width``)."""
     if method == 'zoom':
-        return greedy(backend, bundle, g, prior=prior)
+        return greedy(backend, bundle, g, prior=prior, residual=residual)
     if method == 'zoom-beam':
-        return beam(backend, bundle, g, width=width, prior=prior)
+        return beam(backend, bundle, g, width=width, prior=prior, residual=residual)
     raise InputError(f'search method {method!r} is unknown; use zoom or zoom-beam')
 
 

@@ -46,6 +46,9 @@ def register(sub):
     p.add_argument('--prior-sigma-m', type=float, default=None,
                    help='give the search a prior drawn around the truth with this sigma (m)')
     p.add_argument('--seed', type=int, default=0, help='seed of the prior draws')
+    p.add_argument('--residual-cov', action='store_true',
+                   help='zoom methods: count the probability outside the hypotheses in the '
+                        'covariance')
     p.add_argument('--limit', type=int, default=None, help='evaluate at most N queries')
     p.add_argument('--train-index', default=None, metavar='index.csv',
                    help='ground-knn: the table whose train split is the reference set '
@@ -65,6 +68,8 @@ def register(sub):
     p.add_argument('--heading', type=float, default=None, help='camera heading (deg from N)')
     p.add_argument('--method', default='zoom-beam', choices=('zoom', 'zoom-beam'))
     p.add_argument('--beam-width', type=int, default=8)
+    p.add_argument('--residual-cov', action='store_true',
+                   help='count the probability outside the hypotheses in the covariance')
     p.add_argument('--prior', default=None, metavar='LAT,LON,SIGMA_M',
                    help='restrict the search around a position (sigma in metres)')
     p.add_argument('--backend', default='auto')
@@ -122,6 +127,7 @@ def _eval(args):
     opts = EvalOptions(method=args.method, beam_width=args.beam_width,
                        prior_sigma_m=args.prior_sigma_m, seed=args.seed, backend=args.backend,
                        device=args.device, knn_index=knn_index,
+                       residual_cov=args.residual_cov,
                        progress=not args.no_progress and not args.json)
     summary = evaluate(args.bundle, args.model, queries, opts, skipped)
     summary['split'] = args.split
@@ -177,7 +183,8 @@ def _localize(args):
 
     prior = _parse_prior(args.prior) if args.prior else None
     loc = GeoZoomLocalizer(args.bundle, args.model, backend=args.backend,
-                           beam_width=args.beam_width, method=args.method, device=args.device)
+                           beam_width=args.beam_width, method=args.method,
+                           residual_cov=args.residual_cov, device=args.device)
     for path in args.images:
         bgr = cv2.imread(path, cv2.IMREAD_COLOR)
         if bgr is None:

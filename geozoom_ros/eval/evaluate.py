@@ -342,6 +342,7 @@ class EvalOptions:
     device: str = 'cpu'
     knn_index: str = None
     top_k: int = 8
+    residual_cov: bool = False
     progress: bool = True
 
 
@@ -388,10 +389,14 @@ def evaluate(bundle_path, model_path, queries, options, skipped=0):
             t0 = time.perf_counter()
             g = backend.encode_ground([img], headings=[q.heading_deg])[0]
             try:
-                res = (greedy(backend, bundle, g, prior=prior) if method == 'zoom'
-                       else beam(backend, bundle, g, options.beam_width, prior=prior))
+                res = (greedy(backend, bundle, g, prior=prior, residual=options.residual_cov)
+                       if method == 'zoom' else
+                       beam(backend, bundle, g, options.beam_width, prior=prior,
+                            residual=options.residual_cov))
             except InputError:
-                res = None
+                if prior is None:
+                    raise
+                res = None  # the drawn prior fell off the map: no fix, counted
                 prior_misses += 1
             lat_ms.append((time.perf_counter() - t0) * 1e3)
             gs[i], have_g[i] = g, True
@@ -426,6 +431,9 @@ def evaluate(bundle_path, model_path, queries, options, skipped=0):
             nn_index = _Nearest(_level_vectors(bundle, bundle.steps))
             txs, tys = term.cell_arrays()
             extra['index_backend'] = nn_index.backend
+            rh = bundle.retrieval_heading
+            heading_indices = {}
+            extra['heading_bins'] = 0 if rh is None else int(rh.shape[0])
         elif method == 'sim-zoom':
             level_vecs = [_level_vectors(bundle, lv) for lv in range(bundle.steps + 1)]
             step_correct = np.full((n, bundle.steps), np.nan)
@@ -460,8 +468,14 @@ def evaluate(bundle_path, model_path, queries, options, skipped=0):
             t0 = time.perf_counter()
             e = retr.embed_ground([img], headings=[q.heading_deg])[0]
             if method == 'retrieval':
-                sims, idx = nn_index.search(e, options.top_k)
-                probs = _softmax(scale * nn_index.all_sims(e))[idx] if len(txs) < 200000 \
+                index = nn_index
+                if rh is not None and q.heading_deg is not None:
+                    b = int(round(q.heading_deg / (360.0 / rh.shape[0]))) % rh.shape[0]
+                    if b not in heading_indices:
+                        heading_indices[b] = _Nearest(np.asarray(rh[b], np.float32))
+                    index = heading_indices[b]
+                sims, idx = index.search(e, options.top_k)
+                probs = _softmax(scale * index.all_sims(e))[idx] if len(txs) < 200000 \
                     else _softmax(scale * sims)
                 lat, lon, cov, c = _fix_from_cells(txs[idx], tys[idx], term.zoom, probs)
             elif method == 'sim-zoom':
@@ -491,6 +505,7 @@ def evaluate(bundle_path, model_path, queries, options, skipped=0):
     summary['unreadable_images'] = int(unreadable)
     summary['beam_width'] = options.beam_width if method == 'zoom-beam' else None
     summary['prior_sigma_m'] = options.prior_sigma_m
+    summary['residual_cov'] = options.residual_cov if method in ('zoom', 'zoom-beam') else None
     summary['map_area_km2'] = bundle.area_m2 / 1e6
     summary.update(metrics.json_ready(extra))
     return summary

@@ -2,7 +2,7 @@
 
 
 def add_train_arguments(parser):
-    """Add the arguments of ``geozoom train`` (shared with ``python -m geozoom_ros.train.loop``)."""
+    """Add the arguments of ``geozoom train`` (shared with ``-m geozoom_ros.train.loop``)."""
     parser.add_argument('--map', action='append', metavar='MAP',
                         help='tile pyramid (MBTiles file or XYZ folder); repeat together with '
                              '--data for several worlds')

@@ -227,7 +227,8 @@ class TrainConfig:
         if self.lr <= 0 or self.encoder_lr_mult < 0:
             raise ConfigError(f'{where}: lr must be > 0 and encoder_lr_mult >= 0')
         if not 0 <= self.warmup_frac < 1 or not 0 <= self.final_lr_frac <= 1:
-            raise ConfigError(f'{where}: warmup_frac must be in [0, 1) and final_lr_frac in [0, 1]')
+            raise ConfigError(f'{where}: warmup_frac must be in [0, 1) and final_lr_frac in '
+                              '[0, 1]')
         if not 0 <= self.label_smoothing < 1:
             raise ConfigError(f'{where}: label_smoothing must be in [0, 1)')
         if self.amp not in ('auto', 'bf16', 'fp16', 'off'):

@@ -154,7 +154,7 @@ class ZoomPolicy(ImageModelBase):
         return self.decoder(g, sat, actions[:, :sat.shape[1] - 1])
 
     def step_logits(self, g, sat, actions):
-        """Return logits [B, k*k] of the next action after ``sat`` [B, t+1, D], ``actions`` [B, t]."""
+        """Return next-action logits [B, k*k] given ``sat`` [B, t+1, D], ``actions`` [B, t]."""
         return self.decoder(g, sat, actions)[:, -1]
 
     def aux_embeddings(self, g, s):

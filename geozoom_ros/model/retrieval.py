@@ -14,7 +14,7 @@ from torch import nn
 import torch.nn.functional as F
 
 from geozoom_ros.model.encoders import build_encoder
-from geozoom_ros.model.policy import ImageModelBase, _halves_mean
+from geozoom_ros.model.policy import _halves_mean, ImageModelBase
 
 
 class RetrievalModel(ImageModelBase):
@@ -48,7 +48,7 @@ class RetrievalModel(ImageModelBase):
         return self.embed_ground(ground), self.embed_map(overhead), self.scale()
 
     def scale(self):
-        """Return the InfoNCE logit scale (1 / temperature), clamped to at most 100."""
+        """Return the InfoNCE logit scale, 1 / temperature, clamped to at most 100."""
         return self.logit_scale.exp().clamp(max=100.0)
 
 

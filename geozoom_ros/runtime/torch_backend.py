@@ -48,6 +48,20 @@ def _heading_kw(method):
     return None
 
 
+def _heading_args(runner, headings, n):
+    """Return the heading keyword for the model, or {} when it takes none or some are unknown.
+
+    A model built with ``heading_input`` raises its own one-line error when called without.
+    """
+    if headings is None or not getattr(runner.config, 'heading_input', False) \
+            or not runner._heading_kw:
+        return {}
+    if len(headings) != n or any(h is None or not np.isfinite(h) for h in headings):
+        return {}
+    return {runner._heading_kw: torch.tensor([float(h) for h in headings], dtype=torch.float32,
+                                             device=runner.device)}
+
+
 class TorchBackend(PolicyBackend):
     """A ZoomPolicy run by torch under ``torch.inference_mode``.
 
@@ -69,6 +83,9 @@ class TorchBackend(PolicyBackend):
         self.model_path = os.fspath(model_path)
         self._heading_kw = _heading_kw(self.model.encode_ground)
 
+    def _heading_args(self, headings, n):
+        return _heading_args(self, headings, n)
+
     def _to(self, array, dtype):
         return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=self.device)
 
@@ -77,13 +94,7 @@ class TorchBackend(PolicyBackend):
         images = check_images(images)
         with torch.inference_mode():
             x = self.model.preprocess_ground(images).to(self.device)
-            kwargs = {}
-            if headings is not None and getattr(self.config, 'heading_input', False) \
-                    and self._heading_kw:
-                values = [np.nan if h is None else float(h) for h in headings]
-                kwargs[self._heading_kw] = torch.tensor(values, dtype=torch.float32,
-                                                        device=self.device)
-            g = self.model.encode_ground(x, **kwargs)
+            g = self.model.encode_ground(x, **self._heading_args(headings, len(images)))
         return g.float().cpu().numpy()
 
     def encode_map(self, images):
@@ -127,12 +138,7 @@ class TorchRetrieval:
         images = check_images(images)
         with torch.inference_mode():
             x = self.model.preprocess_ground(images).to(self.device)
-            kwargs = {}
-            if headings is not None and getattr(self.config, 'heading_input', False) \
-                    and self._heading_kw:
-                values = [np.nan if h is None else float(h) for h in headings]
-                kwargs[self._heading_kw] = torch.tensor(values, dtype=torch.float32,
-                                                        device=self.device)
+            kwargs = _heading_args(self, headings, len(images))
             return self.model.embed_ground(x, **kwargs).float().cpu().numpy()
 
     def embed_map(self, images):

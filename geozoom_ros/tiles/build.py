@@ -43,7 +43,7 @@ import mercantile
 import numpy as np
 
 from geozoom_ros import __version__, geo
-from geozoom_ros.errors import InputError
+from geozoom_ros.errors import GeoZoomError, InputError
 
 MAX_ZOOM_LIMIT = 24
 #: Tiles per side of one unit of work at the maximum zoom.
@@ -326,6 +326,7 @@ def _encode(rgb, valid, fmt, quality):
 
 def _render_chunk(chunk):
     """Warp one chunk of the maximum zoom; return ``[(x, y, bytes), ...]`` of tiles with data."""
+    from rasterio.errors import RasterioError
     from rasterio.windows import Window
 
     plan = _WORKER['plan']
@@ -350,7 +351,12 @@ def _render_chunk(chunk):
             bands.append(s.alpha_band)
         if s.add_alpha:
             bands.append(vrt.count)
-        data = vrt.read(bands, window=Window(c0, r0, c1 - c0, r1 - r0))
+        try:
+            data = vrt.read(bands, window=Window(c0, r0, c1 - c0, r1 - r0))
+        except RasterioError as exc:
+            detail = _one_line(exc.__cause__ or exc)[:200]
+            raise InputError(f'{s.path}: read failed ({detail}); the file is truncated or '
+                             'corrupt') from None
         nc = len(s.colour_bands)
         ok = np.ones(data.shape[1:], bool)
         if s.add_alpha:
@@ -434,7 +440,7 @@ CREATE TABLE IF NOT EXISTS tiles (zoom_level INTEGER, tile_column INTEGER, tile_
 CREATE UNIQUE INDEX IF NOT EXISTS tile_index ON tiles (zoom_level, tile_column, tile_row);
 """
 _KEY_SETTINGS = 'geozoom_build_settings'
-_KEY_CHUNKS = 'geozoom_build_done_chunks'
+_KEY_CHUNK = 'geozoom_build_done_chunk:'  # one row per finished chunk: '...:cx,cy'
 _KEY_ZOOMS = 'geozoom_build_done_zooms'
 
 
@@ -450,10 +456,15 @@ class _Partial:
                 say(f'resuming from {self.path}')
             else:
                 say(f'discarding {self.path} (unreadable or built with other settings)')
-                for p in (self.path, pathlib.Path(str(self.path) + '-journal')):
+                for suffix in ('', '-journal', '-wal', '-shm'):
+                    p = pathlib.Path(str(self.path) + suffix)
                     if p.exists():
                         p.unlink()
         self.conn = sqlite3.connect(str(self.path))
+        # WAL: a kill loses at most the uncommitted unit of work, with one fsync per
+        # checkpoint rather than per commit; finish() turns it back into a single file.
+        self.conn.execute('PRAGMA journal_mode=WAL')
+        self.conn.execute('PRAGMA synchronous=NORMAL')
         self.conn.executescript(_SCHEMA)
         self._set(_KEY_SETTINGS, settings)
         self.conn.commit()
@@ -471,7 +482,8 @@ class _Partial:
             return False
         if not ok or rows.get(_KEY_SETTINGS) != settings:
             return False
-        self.done_chunks = {tuple(c) for c in json.loads(rows.get(_KEY_CHUNKS, '[]'))}
+        self.done_chunks = {tuple(int(v) for v in k[len(_KEY_CHUNK):].split(','))
+                            for k in rows if k.startswith(_KEY_CHUNK)}
         self.done_zooms = set(json.loads(rows.get(_KEY_ZOOMS, '[]')))
         return True
 
@@ -487,7 +499,7 @@ class _Partial:
 
     def chunk_done(self, chunk):
         self.done_chunks.add(chunk)
-        self._set(_KEY_CHUNKS, json.dumps(sorted(self.done_chunks)))
+        self._set(f'{_KEY_CHUNK}{chunk[0]},{chunk[1]}', 1)
         self.conn.commit()
 
     def zoom_done(self, zoom):
@@ -507,11 +519,12 @@ class _Partial:
         return None if row is None else bytes(row[0])
 
     def finish(self, meta):
-        self.conn.execute('DELETE FROM metadata WHERE name IN (?, ?, ?)',
-                          (_KEY_SETTINGS, _KEY_CHUNKS, _KEY_ZOOMS))
+        self.conn.execute("DELETE FROM metadata WHERE name LIKE 'geozoom\\_build\\_%' "
+                          "ESCAPE '\\'")
         for k, v in meta.items():
             self._set(k, v)
         self.conn.commit()
+        self.conn.execute('PRAGMA journal_mode=DELETE')
         self.conn.close()
 
     def close(self):
@@ -740,6 +753,16 @@ def build_mbtiles(inputs, output, min_zoom=None, max_zoom=None, fmt='jpeg', qual
         completed = True
     except KeyboardInterrupt:
         say(f'interrupted; run the same command again to continue from {partial_path}')
+        raise
+    except GeoZoomError:
+        # Bad input found while building: re-running cannot succeed, so leave nothing behind.
+        if partial is not None:
+            partial.close()
+            partial = None
+        for suffix in ('', '-journal', '-wal', '-shm'):
+            p = pathlib.Path(str(partial_path) + suffix)
+            if p.exists():
+                p.unlink()
         raise
     finally:
         if partial is not None:

@@ -43,7 +43,9 @@ def register(sub):
     p.add_argument('map', metavar='MAP', help='MBTiles file or XYZ directory')
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument('--cell', metavar='Z/X/Y', help='cell as zoom/x/y (XYZ scheme)')
-    where.add_argument('--latlon', metavar='LAT,LON', help='a point (degrees); needs --zoom')
+    where.add_argument('--latlon', metavar='LAT,LON',
+                       help='a point (degrees); needs --zoom; write --latlon=-33.9,151.2 '
+                            'when the latitude is negative')
     p.add_argument('--zoom', type=int, default=None, help='cell zoom for --latlon')
     p.add_argument('--size', type=int, default=384, help='view side in pixels (384)')
     p.add_argument('-o', '--output', required=True, metavar='view.png')

@@ -522,7 +522,7 @@ def _validate_retrieval(model, world, samples, imgs, device, chunk=64):
 # Optimiser, schedule, checkpoints
 
 def param_groups(model, tc):
-    """AdamW groups: encoder vs the rest, weight decay only on matrices/kernels."""
+    """Return AdamW groups: encoder vs the rest, weight decay only on matrices/kernels."""
     groups = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -718,7 +718,10 @@ def train(pairs, out_dir, preset=None, resume=False, epochs=None, max_minutes=No
     source.start, source.end = state['global_step'], total
     loader = torch.utils.data.DataLoader(source, batch_size=None, shuffle=False,
                                          num_workers=tc.num_workers,
-                                         persistent_workers=tc.num_workers > 0)
+                                         persistent_workers=tc.num_workers > 0,
+                                         # Its own generator: creating the iterator must not
+                                         # draw from the global RNG (dropout) on resume.
+                                         generator=torch.Generator().manual_seed(tc.seed))
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0 and progress:
         print(f'training {method} on {len(data.train)} rows ({len(data.val)} validating), '

@@ -740,11 +740,17 @@ MAT_GROUND, MAT_ASPHALT, MAT_PAINT, MAT_ROOF, MAT_FACADE = 0, 1, 2, 3, 4
 MAT_FOLIAGE, MAT_BARK, MAT_WATER, MAT_GRASS, MAT_LANDMARK, MAT_PAVING = 5, 6, 7, 8, 9, 10
 # Flat layers, drawn in this order (painter's order on the flat ground).
 FLAT_LAYERS = ('base', 'block', 'detail', 'sidewalk', 'asphalt', 'paint')
+# Each flat layer floats a centimetre above the one below. Seen from a camera h metres up at
+# distance d, a lift dz moves the visible surface by dz * d / h along the ray, far more than
+# the depth buffer's resolution, so layers never z-fight and can be drawn top first (each
+# ground pixel is shaded once).
+LAYER_Z = {name: 0.01 * k for k, name in enumerate(FLAT_LAYERS)}
 
 
 class _MeshBuf:
-    def __init__(self):
+    def __init__(self, z=0.0):
         self.parts = []
+        self.z = z  # lift of a flat layer (metres) above the ground
 
     def tris(self, pos, nrm, mat, col, uv=None, tint=1.0, obj=0.0):
         """Add triangles: pos (3k, 3); nrm (3k, 3) or (3,)."""
@@ -754,6 +760,7 @@ class _MeshBuf:
             return
         v = np.empty((n, VERTEX_FLOATS), np.float32)
         v[:, 0:3] = pos
+        v[:, 2] += self.z
         v[:, 3:6] = nrm
         v[:, 6] = mat
         v[:, 7] = col
@@ -815,7 +822,7 @@ def chunk_mesh(city, box):
     landmarks), 'trees': (first, count)}. Anchors: a road's midpoint, a
     block's or building's centroid, a tree's trunk; the base ground is the box itself.
     """
-    layers = {name: _MeshBuf() for name in FLAT_LAYERS}
+    layers = {name: _MeshBuf(LAYER_Z[name]) for name in FLAT_LAYERS}
     solid = _MeshBuf()
     x0, y0, x1, y1 = box
     idx = _anchor_index(city)
@@ -868,7 +875,7 @@ def chunk_mesh(city, box):
         for layer, grow in (('sidewalk', True), ('asphalt', False)):
             poly = _junction_polygon(p, dirs, grow)
             if len(poly) >= 3:
-                layers[layer].poly(poly, 0.0, MAT_PAVING if grow else MAT_ASPHALT,
+                layers[layer].poly(poly, 0.005, MAT_PAVING if grow else MAT_ASPHALT,
                                    S.SIDEWALK if grow else S.ASPHALT)
         _junction_paint(layers['paint'], p, dirs)
     for k in inside(idx['buildings']):

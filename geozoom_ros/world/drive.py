@@ -318,29 +318,62 @@ def _right(d):
     return np.stack([d[..., 1], -d[..., 0]], axis=-1)
 
 
-def _offset_right(center, offsets, uturn_vertices):
-    """Offset a polyline to its right by per-vertex ``offsets`` (miter joins, arcs at U-turns)."""
-    d = np.diff(center, axis=0)
+def _offset_piece(geom, offset):
+    """Offset an oriented polyline to its right by ``offset`` metres (miter joins inside)."""
+    d = np.diff(geom, axis=0)
     d /= np.linalg.norm(d, axis=1, keepdims=True)
-    out = [center[0] + offsets[0] * _right(d[0])]
-    for i in range(1, len(center) - 1):
-        d1, d2, o = d[i - 1], d[i], offsets[i]
-        n1, n2 = _right(d1), _right(d2)
-        cosang = float(np.dot(d1, d2))
-        if i in uturn_vertices or cosang < -0.95:
-            # Turn round counter-clockwise across the road's end (a left U-turn), half a circle
-            # of the lane offset's radius about the centre line's end.
-            a0 = math.atan2(n1[1], n1[0])
-            for a in np.linspace(0.0, math.pi, 9):
-                out.append(center[i] + o * np.array([math.cos(a0 + a), math.sin(a0 + a)]))
+    n = _right(d)
+    out = np.empty_like(geom)
+    out[0] = geom[0] + offset * n[0]
+    out[-1] = geom[-1] + offset * n[-1]
+    for i in range(1, len(geom) - 1):
+        m = n[i - 1] + n[i]
+        scale = min(2.0 / max(float(np.dot(m, m)), 1e-9), 4.0)
+        out[i] = geom[i] + offset * m * scale
+    return out
+
+
+def _join_pieces(pieces, uturns):
+    """Join lane pieces (offset polylines of consecutive edges) into one polyline.
+
+    ``pieces``: [(lane polyline, centre-line polyline)] per traversed edge. Before a piece
+    whose index is in ``uturns`` the lane goes round the road's end on a half circle (a left
+    turn about the node). Elsewhere consecutive lanes are cut or extended to where they cross
+    (a miter), unless that point lies beyond their end segments or far out (then the lanes
+    are simply connected and the smoothing rounds the step).
+    """
+    pts = [p for p in pieces[0][0]]
+    for k in range(1, len(pieces)):
+        lane = pieces[k][0]
+        if k in uturns:
+            node = pieces[k - 1][1][-1]
+            rel = pts[-1] - node
+            r, ang0 = float(np.hypot(*rel)), math.atan2(rel[1], rel[0])
+            pts.extend(node + r * np.array([math.cos(ang0 + t), math.sin(ang0 + t)])
+                       for t in np.linspace(0.0, math.pi, 9)[1:-1])
+            pts.extend(lane)
             continue
-        m = n1 + n2
-        m_len2 = float(np.dot(m, m))
-        # Miter point = intersection of the two offset lines; limited where the turn is sharp.
-        scale = min(2.0 / max(m_len2, 1e-9), 4.0)
-        out.append(center[i] + o * m * scale)
-    out.append(center[-1] + offsets[-1] * _right(d[-1]))
-    return np.asarray(out)
+        a0, a1, b0, b1 = pts[-2], pts[-1], lane[0], lane[1]
+        da, db = a1 - a0, b1 - b0
+        den = da[0] * db[1] - da[1] * db[0]
+        corner = None
+        if abs(den) > 1e-6 * np.linalg.norm(da) * np.linalg.norm(db):
+            diff = b0 - a0
+            t = (diff[0] * db[1] - diff[1] * db[0]) / den
+            u = (diff[0] * da[1] - diff[1] * da[0]) / den
+            cand = a0 + t * da
+            reach = 3.0 * max(np.linalg.norm(a1 - b0), 1.0)
+            if t > 0.05 and u < 0.95 and np.linalg.norm(cand - a1) <= reach:
+                corner = cand
+        if corner is not None:
+            pts[-1] = corner
+            pts.extend(lane[1:])
+        else:
+            pts.extend(lane)
+    pts = np.asarray(pts)
+    keep = np.ones(len(pts), bool)
+    keep[1:] = np.linalg.norm(np.diff(pts, axis=0), axis=1) > 1e-6
+    return pts[keep]
 
 
 def plan_route(roads, length_m, rng, *, spacing_m=1.0, lane_offset_m=None, smooth_m=8.0,
@@ -364,27 +397,24 @@ def plan_route(roads, length_m, rng, *, spacing_m=1.0, lane_offset_m=None, smoot
     edge = candidates[int(rng.choice(len(candidates), p=lengths / lengths.sum()))]
     forward = bool(rng.integers(2))
 
-    centre, offsets, uturns = [], [], set()
+    pieces, uturns = [], set()
     total = 0.0
     margin = 2.0 * smooth_m + 10.0
     while total < length_m + margin:
         e = graph.edges[edge]
         geom = e.geometry if forward else e.geometry[::-1]
         o = e.width_m / 4.0 if lane_offset_m is None else float(lane_offset_m)
-        if centre:
-            geom = geom[1:]  # the node is already the last point
-        centre.extend(geom)
-        offsets.extend([o] * len(geom))
+        pieces.append((_offset_piece(geom, o), geom))
         total += e.length_m
         end = e.v if forward else e.u
         options = [(ei, fw) for ei, fw in graph.adjacency[end]
                    if not (ei == edge and fw != forward)]
         if not options:
-            uturns.add(len(centre) - 1)
+            uturns.add(len(pieces))
             edge, forward = edge, not forward
             continue
         # Prefer going on roughly straight a little more often than turning, as drivers do.
-        d_in = centre[-1] - centre[-2]
+        d_in = geom[-1] - geom[-2]
         weights = []
         for ei, fw in options:
             g = graph.edges[ei].geometry if fw else graph.edges[ei].geometry[::-1]
@@ -394,9 +424,7 @@ def plan_route(roads, length_m, rng, *, spacing_m=1.0, lane_offset_m=None, smoot
         weights = np.asarray(weights) / np.sum(weights)
         edge, forward = options[int(rng.choice(len(options), p=weights))]
 
-    centre = np.asarray(centre)
-    offsets = np.asarray(offsets)
-    lane = _offset_right(centre, offsets, uturns)
+    lane = _join_pieces(pieces, uturns)
     fine = _resample(lane, 0.5)
     fine = _smooth(fine, int(round(smooth_m / 0.5)))
     route = _resample(fine, spacing_m)
@@ -826,8 +854,9 @@ def write_drive_bag_from_poses(out_path, frame, camera_t, camera_enu, images, *,
     """Write a drive rosbag2 from explicit camera poses, frames and (optional) sensor tracks.
 
     ``out_path``: the bag directory to create (rosbag2 layout: ``metadata.yaml`` and
-    ``<name>.mcap`` or ``<name>.db3`` inside); written under a temporary name in the same folder
-    and renamed when complete. ``frame``: the :class:`~geozoom_ros.geo.LocalFrame` of the ENU
+    ``<name>.mcap`` or ``<name>.db3`` inside, where ``<name>`` is the folder's name without a
+    ``.mcap``/``.db3`` suffix); written under a temporary name in the same folder and renamed
+    when complete. ``frame``: the :class:`~geozoom_ros.geo.LocalFrame` of the ENU
     positions. ``camera_t``: (K,) seconds from the start; ``camera_enu``: (K, 2) or (K, 3)
     ENU metres (the truth that goes to :data:`TOPIC_GPS_TRUTH`); ``images``: an iterable of K
     (H, W, 3) uint8 RGB frames, consumed lazily. ``fov_deg``: the horizontal field of view
@@ -882,7 +911,11 @@ def write_drive_bag_from_poses(out_path, frame, camera_t, camera_enu, images, *,
     meta.update(custom_data or {})
 
     out_path, tmp_parent = _prepare_output(out_path, overwrite)
-    tmp_bag = tmp_parent / out_path.name
+    # rosbags names the storage file after the folder; a folder called 'drive.mcap' holds
+    # 'drive.mcap' (not 'drive.mcap.mcap'). Paths in metadata.yaml are relative, so the
+    # folder can be renamed afterwards.
+    stem = out_path.stem if out_path.suffix in ('.mcap', '.db3') else out_path.name
+    tmp_bag = tmp_parent / stem
     image_iter = iter(images)
     try:
         writer = Writer(tmp_bag, version=9, storage_plugin=plugin)
@@ -1055,7 +1088,7 @@ def write_drive_bag_for_roads(roads, frame, render, out_path, length_m=2000.0, r
                               seed=0, progress=True, image_size=None, odom_noise=None,
                               imu_noise=None, storage='mcap', *, sensor_rate_hz=50.0,
                               fov_deg=90.0, camera_height_m=1.8, include_tf=False,
-                              overwrite=False, motion=None):
+                              overwrite=False, motion=None, write_raw=True):
     """Drive along ``roads`` and write the drive rosbag2 (see :data:`DRIVE_TOPICS`).
 
     ``roads``: ENU polylines (metres) or objects with ``.polyline`` and ``.width_m``;
@@ -1064,7 +1097,9 @@ def write_drive_bag_for_roads(roads, frame, render, out_path, length_m=2000.0, r
     uint8 RGB`` with a compass ``heading_deg`` (0 = north, clockwise) and pitch up-positive,
     for a camera looking along the vehicle heading. ``image_size`` (width, height) resizes the
     frames. ``fov_deg`` and ``camera_height_m`` are recorded (CameraInfo, custom data); the
-    render callable must use the same values. Returns the bag directory ``out_path``.
+    render callable must use the same values. ``write_raw=False`` leaves out the raw Image
+    topic (about 0.6 MB per 512x384 frame; the JPEG topic is about 20x smaller). Returns the
+    bag directory ``out_path``.
     """
     import cv2
 
@@ -1096,13 +1131,14 @@ def write_drive_bag_for_roads(roads, frame, render, out_path, length_m=2000.0, r
     return write_drive_bag_from_poses(
         out_path, frame, cam.t, cam.positions(), frames(), fov_deg=fov_deg, odom=odom,
         imu=imu, storage=storage, include_tf=include_tf, altitude_m=frame.h0,
-        custom_data=custom, progress=progress, overwrite=overwrite)
+        custom_data=custom, progress=progress, overwrite=overwrite, write_raw=write_raw)
 
 
 def write_drive_bag(city, renderer, out_path, length_m=2000.0, rate_hz=5.0, seed=0,
                     progress=True, image_size=None, odom_noise=None, imu_noise=None,
                     storage='mcap', *, sensor_rate_hz=50.0, camera_height_m=1.8,
-                    fov_deg=90.0, include_tf=False, overwrite=False, lighting=None):
+                    fov_deg=90.0, include_tf=False, overwrite=False, lighting=None,
+                    write_raw=True):
     """Drive through ``city`` and write the drive rosbag2 (see :data:`DRIVE_TOPICS`).
 
     ``city`` needs ``.roads`` (with ``.polyline`` in ENU metres and ``.width_m``) and
@@ -1110,15 +1146,20 @@ def write_drive_bag(city, renderer, out_path, length_m=2000.0, rate_hz=5.0, seed
     ``render(east_m, north_m, height_m, heading_deg, fov_deg, pitch_deg=, roll_deg=,
     lighting=) -> (H, W, 3) uint8 RGB`` with a compass ``heading_deg``. The camera looks
     along the vehicle heading at ``camera_height_m`` metres with ``fov_deg`` horizontal field
-    of view; the vehicle's pitch and roll move it. Returns the bag directory ``out_path``
+    of view; the vehicle's pitch and roll move it. ``image_size`` (width, height) is passed
+    to the renderer as ``size=``. Returns the bag directory ``out_path``
     (a rosbag2 folder holding ``<name>.mcap`` or ``<name>.db3`` and ``metadata.yaml``).
     """
+    extra = {} if image_size is None else {'size': tuple(int(v) for v in image_size)}
+
     def render(east, north, heading_deg, pitch_deg=0.0, roll_deg=0.0):
         return renderer.render(east, north, camera_height_m, heading_deg, fov_deg,
-                               pitch_deg=pitch_deg, roll_deg=roll_deg, lighting=lighting)
+                               pitch_deg=pitch_deg, roll_deg=roll_deg, lighting=lighting,
+                               **extra)
 
     return write_drive_bag_for_roads(
         city.roads, city.frame, render, out_path, length_m=length_m, rate_hz=rate_hz,
         seed=seed, progress=progress, image_size=image_size, odom_noise=odom_noise,
         imu_noise=imu_noise, storage=storage, sensor_rate_hz=sensor_rate_hz, fov_deg=fov_deg,
-        camera_height_m=camera_height_m, include_tf=include_tf, overwrite=overwrite)
+        camera_height_m=camera_height_m, include_tf=include_tf, overwrite=overwrite,
+        write_raw=write_raw)

@@ -26,7 +26,7 @@ import numpy as np
 from geozoom_ros import __version__
 from geozoom_ros.errors import InputError
 from geozoom_ros.world import dataset as D
-from geozoom_ros.world import ortho as O
+from geozoom_ros.world import ortho as orthophoto
 from geozoom_ros.world import styles as S
 from geozoom_ros.world.city import make_city
 
@@ -41,7 +41,7 @@ def _worker_init(city, size, supersample):
 
 def _worker_ortho(args):
     task, lighting = args
-    return O.render_tile(_W['renderer'], task, lighting)
+    return orthophoto.render_tile(_W['renderer'], task, lighting)
 
 
 def _worker_views(args):
@@ -171,7 +171,7 @@ def make_world(out_dir, seed, size_m, origin, style='summer', n_ground=2000,
     if progress:
         print(f'world: city of {city.size_m:.0f} m (seed {seed}, {style}): '
               + ', '.join(f'{v} {k}' for k, v in city.counts().items()), flush=True)
-    grid = O.ortho_grid(city)
+    grid = orthophoto.ortho_grid(city)
     views = D.sample_views(city, int(n_ground), preset, fractions)
     n_workers = max(1, int(workers or os.cpu_count() or 1))
 
@@ -184,9 +184,9 @@ def make_world(out_dir, seed, size_m, origin, style='summer', n_ground=2000,
     try:
         with RenderPool(city, ground_size, n_workers) as pool:
             t = time.time()
-            tasks = O.ortho_tasks(city, grid, tile_px)
+            tasks = orthophoto.ortho_tasks(city, grid, tile_px)
             tiles = pool.imap(_worker_ortho, [(task, light) for task in tasks])
-            O.write_ortho(out / 'ortho.tif', grid, tiles, len(tasks), progress)
+            orthophoto.write_ortho(out / 'ortho.tif', grid, tiles, len(tasks), progress)
             timings['ortho_s'] = time.time() - t
 
             t = time.time()
@@ -270,6 +270,10 @@ def _make_drive(city, out, size, seed, progress):
         path = drive_mod.write_drive_bag(city, renderer, target, length_m=2000.0,
                                          rate_hz=5.0, seed=seed, progress=progress,
                                          lighting=light)
+    except InputError as exc:
+        # A small city may hold no 2 km route: the rest of the world is still useful.
+        print(f'world: note: no drive bag written: {exc}', flush=True)
+        return dict(error=str(exc))
     finally:
         renderer.close()
     return dict(path=Path(path).name, length_m=2000.0, rate_hz=5.0)

@@ -275,12 +275,22 @@ class Lighting:
         return d
 
 
+def auto_exposure(light):
+    """Return the exposure that a camera's metering gives: flat ground as bright as at noon."""
+    flat = light.ambient + light.sun_strength * math.sin(math.radians(light.sun_elevation_deg))
+    return float(np.clip(_REFERENCE_IRRADIANCE / max(flat, 1e-3), 0.7, 1.8))
+
+
+_REFERENCE_IRRADIANCE = 0.45 + 0.8 * math.sin(math.radians(58.0))
+
+
 def ortho_lighting(style, lat=45.0):
     """Return the fixed lighting of a style's orthophoto (a clear late-morning sun)."""
     check_style(style)
     az = 150.0 if lat >= 0 else 30.0
-    return Lighting(sun_azimuth_deg=az, sun_elevation_deg=_ORTHO_SUN_ELEVATION[style],
-                    sun_strength=0.8, ambient=0.45, clouds=0.0, visibility_m=1e6)
+    light = Lighting(sun_azimuth_deg=az, sun_elevation_deg=_ORTHO_SUN_ELEVATION[style],
+                     sun_strength=0.8, ambient=0.45, clouds=0.0, visibility_m=1e6)
+    return replace(light, exposure=auto_exposure(light))
 
 
 _NEIGHBOUR_SEASON = {'summer': 'autumn', 'autumn': 'winter', 'winter': 'autumn'}
@@ -312,7 +322,7 @@ def sample_lighting(style, rng, knobs=None, lat=45.0):
                         clouds=1.0, visibility_m=float(rng.uniform(500.0, 1500.0)))
     if rng.random() < knobs.season_mismatch:
         light = replace(light, season=_NEIGHBOUR_SEASON[style])
-    return replace(light, exposure=float(np.exp(rng.normal(0.0, 0.12))))
+    return replace(light, exposure=auto_exposure(light) * float(np.exp(rng.normal(0.0, 0.12))))
 
 
 # --------------------------------------------------------------------------------------------

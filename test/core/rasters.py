@@ -6,10 +6,10 @@ survives reprojection, resampling and JPEG compression within a small tolerance.
 
 import math
 
+from affine import Affine
 import numpy as np
 from pyproj import Transformer
 import rasterio
-from rasterio.transform import from_origin
 
 from geozoom_ros import geo
 
@@ -32,6 +32,23 @@ def block_pattern(height, width, block=50, bands=3, dtype='uint8', seed=0):
     if kind == np.uint16:
         return np.round(1000 + unit * 40000).astype(np.uint16)
     return (0.05 + unit * 0.9).astype(kind)
+
+
+def from_origin(west, north, xsize, ysize):
+    """Return the north-up affine transform of a grid with its north-west corner at a point."""
+    return Affine(xsize, 0.0, west, 0.0, -ysize, north)
+
+
+def write_no_crs(path, bands=3, size=16):
+    """Write a GeoTIFF without CRS or geotransform (a plain image in a .tif)."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', rasterio.errors.NotGeoreferencedWarning)
+        with rasterio.open(path, 'w', driver='GTiff', width=size, height=size, count=bands,
+                           dtype='uint8') as dst:
+            dst.write(np.zeros((bands, size, size), np.uint8))
+    return path
 
 
 def grid_for(crs, lat, lon, gsd_m, width, height):

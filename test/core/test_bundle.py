@@ -60,11 +60,11 @@ def make_models(folder):
     torch.manual_seed(0)
     cfg = PolicyConfig(embed_dim=16, grid_k=K, steps=STEPS, root_zoom=ROOT_Z, view_size=32,
                        ground_size=(32, 32), decoder_layers=1, decoder_heads=2, dropout=0.0)
-    policy = save_model(ZoomPolicy(cfg, pretrained=False), folder / 'policy')
-    other = save_model(ZoomPolicy(cfg, pretrained=False), folder / 'policy2')
+    policy = save_model(ZoomPolicy(cfg, pretrained=True), folder / 'policy')
+    other = save_model(ZoomPolicy(cfg, pretrained=True), folder / 'policy2')
     rcfg = PolicyConfig(embed_dim=16, grid_k=K, steps=STEPS, root_zoom=ROOT_Z, view_size=32,
                         ground_size=(32, 32), decoder_heads=2, context_m=100.0)
-    retr = save_model(RetrievalModel(rcfg, pretrained=False), folder / 'retr')
+    retr = save_model(RetrievalModel(rcfg, pretrained=True), folder / 'retr')
     return policy, other, retr
 
 
@@ -125,7 +125,10 @@ def test_tokens_equal_the_model_encoding_of_each_cell_view(world):
         want = model.encode_map(model.preprocess_map(views)).numpy()
     got = b.tokens_for(cells)
     assert got.dtype == np.float32 and got.shape == (4, 16)
-    np.testing.assert_allclose(got, want, rtol=2e-3, atol=2e-3)
+    np.testing.assert_allclose(got, want, rtol=2e-3, atol=1e-4)
+    # Each token is its own cell's: distinct views give tokens far apart at float16 precision.
+    spread = np.abs(got[:, None] - got[None]).max(axis=2)
+    assert spread[~np.eye(4, dtype=bool)].min() > 2e-3
     np.testing.assert_array_equal(b.token(cells[2]), got[2])
     # Rows are arithmetic: offset + (y - y0) * nx + (x - x0).
     lv = b.levels[1]
@@ -188,3 +191,27 @@ def test_bad_inputs_are_one_line_errors(world, tmp_path):
     with pytest.raises(InputError, match='rebuild'):
         load_bundle(broken)
     assert not (tmp_path / 'o').exists()
+
+
+def test_heading_aligned_retrieval_stores_rotated_terminal_crops(world, tmp_path):
+    from geozoom_ros.model.config import PolicyConfig
+    from geozoom_ros.model.io import save_model
+    from geozoom_ros.model.retrieval import RetrievalModel
+
+    cfg = PolicyConfig(embed_dim=16, grid_k=K, steps=STEPS, root_zoom=ROOT_Z, view_size=32,
+                       ground_size=(32, 32), decoder_heads=2, context_m=60.0,
+                       heading_aligned=True)
+    retr = save_model(RetrievalModel(cfg, pretrained=True), tmp_path / 'retr_h')
+    b = load_bundle(build_bundle(world['map'], world['policy'], tmp_path / 'bh',
+                                 progress=False, retrieval_model=retr))
+    term = b.terminal
+    assert b.manifest['retrieval']['heading_bins'] == 8
+    assert b.manifest['retrieval']['context_m'] == 60.0
+    assert b.retrieval_heading.shape == (8, term.count, 16)
+    north = np.asarray(b.retrieval[term.retrieval_offset:term.retrieval_offset + term.count],
+                       np.float32)
+    np.testing.assert_allclose(np.asarray(b.retrieval_heading[0], np.float32), north,
+                               rtol=2e-3, atol=1e-4)
+    east = np.asarray(b.retrieval_heading[2], np.float32)
+    # Rotated crops embed differently (except crops inside one uniform block of the texture).
+    assert np.mean(np.abs(east - north).max(axis=1) > 1e-2) > 0.5

@@ -106,3 +106,26 @@ def test_unavailable_backend_says_why_in_one_line(world):
         assert '\n' not in str(exc) and 'tensorrt' in str(exc)
     except Exception as exc:  # noqa: B902 - a later, installed backend may fail otherwise
         pytest.skip(f'tensorrt backend present here: {exc}')
+
+
+def test_a_heading_model_gets_the_heading(world, tmp_path):
+    from geozoom_ros.bundle import build_bundle
+    from geozoom_ros.model.config import PolicyConfig
+    from geozoom_ros.model.io import save_model
+    from geozoom_ros.model.policy import ZoomPolicy
+
+    cfg = PolicyConfig(embed_dim=16, grid_k=2, steps=2, root_zoom=16, view_size=32,
+                       ground_size=(32, 32), decoder_layers=1, decoder_heads=2, dropout=0.0,
+                       heading_input=True)
+    model = save_model(ZoomPolicy(cfg, pretrained=True), tmp_path / 'hmodel')
+    bundle = build_bundle(world['map'], model, tmp_path / 'hb', progress=False)
+    loc = GeoZoomLocalizer(bundle, model, backend='torch')
+    assert loc.heading_input
+    with pytest.raises(InputError, match='heading'):
+        loc.localize(_image(5))
+    g0 = loc.backend.encode_ground([_image(5)], headings=[0.0])
+    g90 = loc.backend.encode_ground([_image(5)], headings=[90.0])
+    g450 = loc.backend.encode_ground([_image(5)], headings=[450.0])
+    assert np.abs(g0 - g90).max() > 1e-4
+    np.testing.assert_allclose(g90, g450, atol=1e-5)
+    assert loc.localize(_image(5), heading_deg=-270.0) is not None

@@ -268,3 +268,20 @@ def test_bad_prior_and_bad_token_are_one_line_errors(one_root):
         beam(backend, one_root, np.ones(D + 1))
     with pytest.raises(InputError, match='beam width'):
         beam(backend, one_root, np.ones(D), width=0)
+
+
+def test_residual_covariance_counts_the_mass_outside_the_hypotheses(one_root):
+    table = {}
+    _plant(table, _terminal(ROOT, [3, 3, 3]), ROOT, strength=2.0)
+    backend = PlantedBackend(one_root, table)
+    plain = greedy(backend, one_root, np.ones(D))
+    res = greedy(backend, one_root, np.ones(D), residual=True)
+    mass = plain.confidence
+    assert res.info['mass'] == pytest.approx(mass) and mass < 0.5
+    side = cell_size_m(ROOT)
+    extra = res.cov_en - plain.cov_en
+    np.testing.assert_allclose(extra, np.eye(2) * (1 - mass) * side ** 2 / 12, rtol=1e-3)
+    # With a prior, the residual spreads over the prior's region only.
+    lat, lon = cell_center(_terminal(ROOT, [3, 3, 3]))
+    pr = greedy(backend, one_root, np.ones(D), prior=(lat, lon, 400.0), residual=True)
+    assert np.trace(pr.cov_en) < np.trace(res.cov_en)

@@ -10,7 +10,8 @@ import mercantile
 import numpy as np
 import pytest
 import rasterio
-from rasters import LAT0, LON0, make_raster, pixel_latlon, write_geotiff
+from rasters import from_origin, LAT0, LON0, make_raster, pixel_latlon, write_geotiff
+from rasters import write_no_crs
 
 from geozoom_ros import geo
 from geozoom_ros.errors import InputError
@@ -109,7 +110,7 @@ def test_grey_float_and_nan_nodata(tmp_path):
     data = np.repeat(np.repeat(rng.uniform(100.0, 300.0, (1, 8, 8)), 40, 1), 40, 2)
     data = data.astype(np.float32)
     data[:, :, :80] = np.nan
-    crs, transform = 'EPSG:32632', rasterio.transform.from_origin(465000, 5247000, 0.5, 0.5)
+    crs, transform = 'EPSG:32632', from_origin(465000, 5247000, 0.5, 0.5)
     write_geotiff(tif, data, crs, transform, nodata=float('nan'))
     out = build_mbtiles([tif], tmp_path / 'f.mbtiles', fmt='png', workers=1, progress=False)
     valid = data[0][:, 80:]
@@ -125,10 +126,7 @@ def test_grey_float_and_nan_nodata(tmp_path):
 
 
 def test_bad_inputs_raise_before_writing_anything(ortho, tmp_path):
-    nocrs = tmp_path / 'nocrs.tif'
-    with rasterio.open(nocrs, 'w', driver='GTiff', width=32, height=32, count=1,
-                       dtype='uint8') as dst:
-        dst.write(np.zeros((1, 32, 32), np.uint8))
+    nocrs = write_no_crs(tmp_path / 'nocrs.tif', bands=1)
     text = tmp_path / 'notes.tif'
     text.write_text('not a raster')
     far = tmp_path / 'far.tif'
@@ -175,7 +173,7 @@ def test_killed_build_resumes_without_redoing_work(ortho, tmp_path):
     assert proc.returncode == -9, proc.stderr.decode()[-2000:]
     assert partial.exists() and not out.exists()
     meta = _meta(partial)
-    assert len(json.loads(meta['geozoom_build_done_chunks'])) == 3
+    assert sum(k.startswith('geozoom_build_done_chunk:') for k in meta) == 3
     assert {k[0] for k in _tiles(partial)} == {21}
     # Ctrl-C during the overviews of the re-run keeps the partial file too.
     seen = []
@@ -215,3 +213,22 @@ def test_partial_from_other_settings_or_garbage_is_rebuilt(ortho, tmp_path):
     assert partial.exists()
     build_mbtiles([ortho], out, workers=1, progress=False, fmt='png')
     assert _tiles(out) == ref and _meta(out)['format'] == 'png'
+
+
+@pytest.mark.parametrize('dtype', ['uint8', 'uint16'])
+def test_grey_with_alpha_band(tmp_path, dtype):
+    tif = tmp_path / 'ga.tif'
+    data = make_raster(tif, bands=1, dtype=dtype, size=(200, 200), alpha=True, alpha_cols=60)
+    with rasterio.open(tif) as src:
+        assert src.count == 2
+    out = build_mbtiles([tif], tmp_path / 'ga.mbtiles', fmt='png', workers=1, progress=False)
+    grey = data[0].astype(np.float64)
+    if dtype == 'uint16':
+        lo, hi = np.percentile(grey[:, 60:], [2, 98])
+        grey = np.clip((grey - lo) * 255 / (hi - lo) + 0.5, 0, 255).astype(np.uint8)
+    with open_store(out) as store:
+        lat, lon = pixel_latlon(tif, 125, 125)
+        rgb = render_crop(store, lat, lon, 3.0, 5).image[2, 2].astype(int)
+        assert rgb[0] == rgb[1] == rgb[2] and abs(rgb[0] - int(grey[125, 125])) <= 2
+        lat, lon = pixel_latlon(tif, 125, 25)
+        assert render_crop(store, lat, lon, 3.0, 5).coverage == 0.0

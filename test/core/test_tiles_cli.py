@@ -7,8 +7,7 @@ import sqlite3
 import cv2
 import numpy as np
 import pytest
-import rasterio
-from rasters import LAT0, LON0, make_raster
+from rasters import LAT0, LON0, make_raster, write_no_crs
 
 from geozoom_ros import geo
 from geozoom_ros.cli import main
@@ -25,10 +24,11 @@ def files(tmp_path_factory):
     d = tmp_path_factory.mktemp('cli')
     make_raster(d / 'ortho.tif', crs='utm', size=(400, 400), gsd_m=0.5)
     make_raster(d / 'far.tif', size=(64, 64), lat=LAT0 + 0.3)
-    with rasterio.open(d / 'nocrs.tif', 'w', driver='GTiff', width=16, height=16, count=3,
-                       dtype='uint8') as dst:
-        dst.write(np.zeros((3, 16, 16), np.uint8))
+    write_no_crs(d / 'nocrs.tif')
     (d / 'notes.tif').write_text('just text')
+    make_raster(d / 'whole.tif', size=(600, 600))
+    whole = (d / 'whole.tif').read_bytes()
+    (d / 'cut.tif').write_bytes(whole[:len(whole) * 6 // 10])
     assert main(['tiles', 'build', str(d / 'ortho.tif'), '-o', str(d / 'map.mbtiles'),
                  '--quiet', '--workers', '1', '--format', 'png']) == 0
     (d / 'junk.mbtiles').write_bytes(bytes(range(256)) * 40)
@@ -97,6 +97,8 @@ BAD = [
     (['tiles', 'build', '{d}/ortho.tif', '-o', '{t}/o.mbtiles', '--format', 'tiff'],
      "format 'tiff' is not supported"),
     (['tiles', 'build', '{d}/ortho.tif', '-o', '{t}/nodir/o.mbtiles'], 'does not exist'),
+    (['tiles', 'build', '{d}/cut.tif', '-o', '{t}/o.mbtiles', '--quiet'],
+     'cut.tif: read failed'),
     (['tiles', 'info', '{d}/junk.mbtiles'], 'junk.mbtiles: not an MBTiles'),
     (['tiles', 'verify', '{d}/truncated.mbtiles'], 'truncated.mbtiles: truncated'),
     (['tiles', 'info', '{d}/vector.mbtiles'], "vector.mbtiles: unsupported tile format 'pbf'"),

@@ -5,8 +5,8 @@ import math
 import mercantile
 import numpy as np
 import pytest
-from rasterio.transform import from_origin
-from rasters import block_centres, block_pattern, LAT0, LON0, make_raster, pixel_latlon
+from rasters import block_centres, block_pattern, from_origin, LAT0, LON0, make_raster
+from rasters import pixel_latlon
 from rasters import write_geotiff
 
 from geozoom_ros import geo

@@ -35,20 +35,17 @@ def _grid_roads():
 ROADS = _grid_roads()
 
 
-def _dist_to_roads(points, roads):
-    """Distance (m) of each point to the nearest road centre line, and that road's width."""
-    best = np.full(len(points), np.inf)
-    width = np.zeros(len(points))
+def _carriageway_excess(points, roads):
+    """Distance (m) by which each point lies outside every road's carriageway (<= 0: on it)."""
+    excess = np.full(len(points), np.inf)
     for r in roads:
         line = r.polyline
         for a, b in zip(line[:-1], line[1:]):
             ab = b - a
             t = np.clip((points - a) @ ab / (ab @ ab), 0, 1)
             d = np.linalg.norm(a + t[:, None] * ab - points, axis=1)
-            closer = d < best
-            best[closer] = d[closer]
-            width[closer] = r.width_m
-    return best, width
+            excess = np.minimum(excess, d - r.width_m / 2)
+    return excess
 
 
 def test_road_graph_snaps_intersections_and_short_t_junctions():
@@ -70,8 +67,7 @@ def test_route_is_continuous_on_the_right_lane_and_long_enough(seed):
     steps = np.linalg.norm(np.diff(route, axis=0), axis=1)
     assert D.route_length_m(route) >= 1999.0
     assert steps.max() <= 1.0 + 1e-6 and steps.min() > 0.5
-    dist, width = _dist_to_roads(route, ROADS[:-1])
-    assert np.all(dist <= width / 2)  # on the carriageway everywhere
+    assert np.all(_carriageway_excess(route, ROADS[:-1]) <= 0)  # on the road everywhere
     # Away from intersections the vehicle keeps to the right of the centre line.
     d = np.gradient(route, axis=0)
     near_x = np.abs(route[:, 0, None] - np.arange(0, 401, 100)).min(axis=1) < 12
@@ -104,6 +100,16 @@ def test_route_turns_at_intersections_and_turns_back_only_at_dead_ends():
         for i in reversals:
             assert np.linalg.norm(DEAD_ENDS - route[i], axis=1).min() < 15.0
     assert turns >= 8
+
+
+def test_route_on_a_generated_city_keeps_to_its_lane():
+    from geozoom_ros.world.city import make_city
+
+    city = make_city(2, 600.0, (48.137, 11.575))
+    route = D.plan_route(city.roads, 1500.0, np.random.default_rng(5))
+    assert np.all(_carriageway_excess(route, city.roads) <= 0)
+    h = np.arctan2(*np.diff(route, axis=0).T[::-1])
+    assert np.degrees(np.abs(np.angle(np.exp(1j * np.diff(h))))).max() < 35  # no cusps
 
 
 def test_route_stays_on_the_largest_network_and_bad_input():
@@ -330,6 +336,10 @@ def test_from_poses_and_bad_arguments(tmp_path):
                                        progress=False, write_raw=False)
     types, msgs = _read_all(out)
     assert set(types) == {D.TOPIC_IMAGE_COMPRESSED, D.TOPIC_GPS_TRUTH}
+    named = D.write_drive_bag_from_poses(tmp_path / 'drive.mcap', FRAME, t, enu, imgs,
+                                         progress=False)
+    assert sorted(p.name for p in named.iterdir()) == ['drive.mcap', 'metadata.yaml']
+    assert len(_read_all(named)[1][D.TOPIC_GPS_TRUTH]) == 4
     assert len(msgs[D.TOPIC_GPS_TRUTH]) == 4
 
     with pytest.raises(InputError, match='exists'):
@@ -348,7 +358,7 @@ def test_from_poses_and_bad_arguments(tmp_path):
     blocker.write_text('')
     with pytest.raises(InputError, match='writable'):
         D.write_drive_bag_from_poses(blocker / 'bag', FRAME, t, enu, imgs, progress=False)
-    assert sorted(p.name for p in tmp_path.iterdir()) == ['file', 'p']
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['drive.mcap', 'file', 'p']
     # Overwrite replaces the bag whole.
     D.write_drive_bag_from_poses(out, FRAME, t[:2], enu[:2], imgs[:2], progress=False,
                                  overwrite=True)
@@ -361,16 +371,17 @@ def test_write_drive_bag_uses_the_city_renderer(tmp_path):
 
     class Renderer:
         def render(self, east_m, north_m, height_m, heading_deg, fov_deg, pitch_deg=0.0,
-                   roll_deg=0.0, lighting=None):
-            calls.append((height_m, fov_deg, pitch_deg, roll_deg))
+                   roll_deg=0.0, lighting=None, size=None):
+            calls.append((height_m, fov_deg, pitch_deg, roll_deg, size))
             return _render(east_m, north_m, heading_deg)
 
     city = SimpleNamespace(roads=ROADS, frame=FRAME)
     out = D.write_drive_bag(city, Renderer(), tmp_path / 'city', length_m=20.0, seed=0,
-                            progress=False, camera_height_m=2.0, fov_deg=80.0)
+                            progress=False, camera_height_m=2.0, fov_deg=80.0,
+                            image_size=(32, 24))
     types, msgs = _read_all(out)
     assert len(calls) == len(msgs[D.TOPIC_IMAGE]) > 5
-    assert all(c[0] == 2.0 and c[1] == 80.0 for c in calls)
+    assert all(c[0] == 2.0 and c[1] == 80.0 and c[4] == (32, 24) for c in calls)
     assert max(abs(c[2]) for c in calls) < 3.0 and max(abs(c[3]) for c in calls) < 3.0
     info = msgs[D.TOPIC_CAMERA_INFO][0][2]
     assert math.degrees(2 * math.atan(16 / info.k[0])) == pytest.approx(80.0)

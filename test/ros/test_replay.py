@@ -68,10 +68,13 @@ def _stamp_ns(msg):
 
 
 def _check_timing(items, spacing_s, tol_s=0.1):
+    """Arrival times keep the recorded spacing: median gap and whole span within ``tol_s``."""
     arrivals = np.array([t for t, _ in items])
     gaps = np.diff(arrivals)
-    assert np.all(np.abs(gaps - spacing_s) < tol_s), gaps
-    assert abs((arrivals[-1] - arrivals[0]) - spacing_s * len(gaps)) < tol_s
+    assert abs(np.median(gaps) - spacing_s) < tol_s, gaps
+    assert abs((arrivals[-1] - arrivals[0]) - spacing_s * len(gaps)) < tol_s, gaps
+    # Not delivered in a burst: most gaps are close to the recorded one.
+    assert np.mean(np.abs(gaps - spacing_s) < tol_s) >= 0.7, gaps
 
 
 def test_replay_subprocess_delivers_every_message_with_timing(bags, rclpy_context, spinner,
@@ -147,7 +150,8 @@ def test_replay_api_in_process(bags, rclpy_context, spinner):
     from geozoom_ros.ros.replay import BagPlayer, BagSource, replay_bag
 
     rec = Recorder(rclpy_context, {D.TOPIC_GPS_TRUTH: D.DRIVE_TOPICS[D.TOPIC_GPS_TRUTH],
-                                   D.TOPIC_IMAGE: D.DRIVE_TOPICS[D.TOPIC_IMAGE]})
+                                   D.TOPIC_IMAGE: D.DRIVE_TOPICS[D.TOPIC_IMAGE],
+                                   '/clock': 'rosgraph_msgs/msg/Clock'})
     spinner.add(rec.node)
     spinner.start()
     stats = replay_bag(bags['mcap'], context=rclpy_context, rate=4.0,
@@ -161,14 +165,14 @@ def test_replay_api_in_process(bags, rclpy_context, spinner):
     while rec.count(D.TOPIC_IMAGE) < 5 and time.monotonic() < deadline:
         time.sleep(0.02)
     assert rec.count(D.TOPIC_IMAGE) == 5 and rec.count(D.TOPIC_GPS_TRUTH) == 5
-    _check_timing(rec.received[D.TOPIC_IMAGE], 0.0625, tol_s=0.05)
+    _check_timing(rec.received[D.TOPIC_IMAGE], 0.0625, tol_s=0.04)
 
     # A looping player stops when its event is set, from another thread.
     import rclpy
     node = rclpy.create_node('loop_player', context=rclpy_context)
     try:
         player = BagPlayer(node, BagSource(bags['sqlite3']), loop=True, rate=10.0,
-                           progress=False)
+                           progress=False, clock=True)
         stop = threading.Event()
         threading.Timer(0.5, stop.set).start()
         stats = player.play(stop)
@@ -176,6 +180,22 @@ def test_replay_api_in_process(bags, rclpy_context, spinner):
     finally:
         node.destroy_node()
     assert stats.stopped and stats.loops >= 2 and stats.messages > 40
+    assert rec.count('/clock') > 20  # the bag time, for use_sim_time nodes
+    clock_ns = {m.clock.sec * 10**9 + m.clock.nanosec for _, m in rec.received['/clock']}
+    assert clock_ns <= {START_NS + int(round(t * 1e9)) for t in TIMES}
+
+
+def test_qos_presets():
+    from rclpy.qos import ReliabilityPolicy
+
+    from geozoom_ros.errors import InputError
+    from geozoom_ros.ros.replay import make_qos
+
+    assert make_qos('reliable', 7).reliability == ReliabilityPolicy.RELIABLE
+    assert make_qos('reliable', 7).depth == 7
+    assert make_qos('sensor').reliability == ReliabilityPolicy.BEST_EFFORT
+    with pytest.raises(InputError):
+        make_qos('fast')
 
 
 def _write_bag(path, storage, messages):
