@@ -648,7 +648,8 @@ class GroundRenderer:
         self._draw_scene(vp, self._visible(vp), label=True)
         ids = self._read(fbo, w, h, 1).astype(np.int64)
         ids = ids[..., 0] + 256 * ids[..., 1] + 65536 * ids[..., 2]
-        z = np.frombuffer(fbo.read(components=1, attachment=-1, dtype='f4'), np.float32).reshape(h, w)[::-1]
+        raw = fbo.read(components=1, attachment=-1, dtype='f4')
+        z = np.frombuffer(raw, np.float32).reshape(h, w)[::-1]
         zn = 2.0 * z.astype(np.float64) - 1.0
         depth = 2.0 * near * far / (far + near - zn * (far - near))
         depth[z >= 1.0] = np.inf
