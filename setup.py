@@ -24,6 +24,8 @@ setup(
         ('share/' + PACKAGE + '/config', _files('config/*.yaml')),
         ('share/' + PACKAGE + '/config/train', _files('config/train/*.yaml')),
         ('share/' + PACKAGE + '/maps', _files('maps/*')),
+        # launch_ros runs lib/<package>/<executable>; pip ignores setup.cfg's install_scripts.
+        ('lib/' + PACKAGE, ['scripts/geozoom_node']),
     ],
     install_requires=['setuptools'],
     zip_safe=False,
@@ -36,6 +38,7 @@ setup(
     entry_points={
         'console_scripts': [
             'geozoom = geozoom_ros.cli:main',
+            'geozoom_node = geozoom_ros.ros.node:main',
         ],
     },
 )

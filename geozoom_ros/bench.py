@@ -10,6 +10,8 @@ import importlib
 _BENCH_MODULES = (
     'geozoom_ros.tiles.bench',
     'geozoom_ros.world.bench',
+    'geozoom_ros.ros.bench',
+    'geozoom_ros.model.bench',
 )
 
 

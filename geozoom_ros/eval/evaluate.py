@@ -246,6 +246,25 @@ def _valid_children(bundle, level, parent_rows_xy):
     return valid, cx, cy
 
 
+def step_chance(bundle, lats, lons):
+    """Return per-step chance accuracy: the mean of 1 / (children with imagery) on true paths.
+
+    The search never picks a child without imagery, so a uniform random choice among the
+    remaining children is the fair chance level (1 / k^2 only where every child has imagery).
+    """
+    _, _, ok = true_paths(bundle, lats, lons)
+    out = []
+    terms = [cell_at(lat, lon, bundle.terminal.zoom) for lat, lon, o in zip(lats, lons, ok) if o]
+    if not terms:
+        return [1.0 / (bundle.k * bundle.k)] * bundle.steps
+    for t in range(bundle.steps):
+        parents = [ancestor(c, bundle.levels[t].zoom) for c in terms]
+        valid, _, _ = _valid_children(bundle, t, (np.array([p.x for p in parents]),
+                                                  np.array([p.y for p in parents])))
+        out.append(float(np.mean(1.0 / np.maximum(valid.sum(axis=1), 1))))
+    return out
+
+
 def zoom_step_correct(backend, bundle, gs, lats, lons, batch=256):
     """Return ``[N, steps]`` 1/0/NaN: teacher-forced argmax == true action at each step."""
     rows, acts, ok = true_paths(bundle, lats, lons)
@@ -501,6 +520,9 @@ def evaluate(bundle_path, model_path, queries, options, skipped=0):
     summary = metrics.summarize(errors, nees_values, step_correct, lat_ms, conf, k=bundle.k,
                                 steps=bundle.steps, area_m2=bundle.area_m2)
     summary = {'method': method, **summary}
+    if step_correct is not None:
+        summary['chance']['step_accuracy_uniform'] = summary['chance']['step_accuracy']
+        summary['chance']['step_accuracy'] = step_chance(bundle, truth[:, 0], truth[:, 1])
     summary['skipped_rows'] = int(skipped)
     summary['unreadable_images'] = int(unreadable)
     summary['beam_width'] = options.beam_width if method == 'zoom-beam' else None

@@ -8,8 +8,11 @@ Cell geometry: the policy zooms from a root cell at ``root_zoom`` through ``step
 ``grid_k`` x ``grid_k`` grid, so the terminal cell is at zoom
 ``root_zoom + steps * log2(grid_k)``. The paper's setting is root zoom 12 (about 10 km at
 mid-latitudes) and 4 steps of a 4 x 4 grid, terminal zoom 20 (about 39 m at the equator, 27 m at
-45 degrees). A 1-2 km world fits under one or a few zoom-14 roots, and 3 steps reach zoom 20 too:
-the CPU presets use ``root_zoom: 14, steps: 3``.
+45 degrees). The presets keep it even for 1-2 km worlds: such a world then usually lies under a
+single root, and the first step, which picks the world's part of the root, is nearly free (the
+root and level-1 views are shared by every sample of a batch). Zoom-14 roots with 3 steps reach
+the same terminal cells but split a 1 km world into 2-4 roots, and a decoder trained inside
+each root ranks paths across roots poorly.
 """
 
 from dataclasses import asdict, dataclass, field, fields
@@ -204,6 +207,10 @@ class TrainConfig:
     num_workers: int = 0
     #: Decode and keep every ground image in memory at training resolution.
     preload: bool = True
+    #: Keep the encoder's stem and its first N blocks frozen (EfficientNet blocks, 16 in all; ViT
+    #: blocks for DINOv2): high-resolution early layers cost most in the backward pass and are
+    #: the most generic. 0 = everything trains.
+    encoder_frozen_blocks: int = 0
     #: torch intra-op threads (0 = torch's default).
     threads: int = 0
     seed: int = 0

@@ -32,6 +32,20 @@ def apply_rope(x, cos, sin):
     return torch.stack((out1, out2), dim=-1).flatten(-2)
 
 
+class RMSNorm(nn.Module):
+    """Root-mean-square layer norm, written out so every ONNX opset can export it."""
+
+    def __init__(self, dim, eps=1e-6):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x):
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        return xf.to(x.dtype) * self.weight.to(x.dtype)
+
+
 class SwiGLU(nn.Module):
     def __init__(self, dim, hidden, dropout):
         super().__init__()
@@ -65,9 +79,9 @@ class CausalSelfAttention(nn.Module):
 class Block(nn.Module):
     def __init__(self, dim, heads, dropout):
         super().__init__()
-        self.norm1 = nn.RMSNorm(dim)
+        self.norm1 = RMSNorm(dim)
         self.attn = CausalSelfAttention(dim, heads, dropout)
-        self.norm2 = nn.RMSNorm(dim)
+        self.norm2 = RMSNorm(dim)
         self.mlp = SwiGLU(dim, int(round(8 * dim / 3 / 8)) * 8, dropout)
 
     def forward(self, x, cos, sin):
@@ -86,10 +100,10 @@ class ZoomDecoder(nn.Module):
         self.dim, self.heads, self.num_actions = dim, heads, num_actions
         self.type_embed = nn.Embedding(3, dim)
         self.action_embed = nn.Embedding(num_actions, dim)
-        self.in_norm = nn.RMSNorm(dim)
+        self.in_norm = RMSNorm(dim)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(layers))
-        self.norm = nn.RMSNorm(dim)
+        self.norm = RMSNorm(dim)
         self.head = nn.Linear(dim, num_actions)
         nn.init.normal_(self.type_embed.weight, std=0.02)
         nn.init.normal_(self.action_embed.weight, std=0.02)

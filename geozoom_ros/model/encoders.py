@@ -95,6 +95,7 @@ class EfficientNetLite0(FrozenBNMixin, nn.Module):
         self.net = net
         self.out_dim = 1280
         self.freeze_bn = freeze_bn
+        self.train()  # applies the batch-norm freeze from the start
 
     def forward(self, x):
         fmap = self.net.extract_features(x)
@@ -215,6 +216,7 @@ class TimmEncoder(FrozenBNMixin, nn.Module):
         self.out_dim = self.net.num_features
         self.prefix = getattr(self.net, 'num_prefix_tokens', 0)
         self.freeze_bn = freeze_bn
+        self.train()
 
     def forward(self, x):
         f = self.net.forward_features(x)
@@ -228,6 +230,33 @@ class TimmEncoder(FrozenBNMixin, nn.Module):
             pooled = f[:, 0] if self.prefix else patches.mean(1)
             return fmap, pooled
         return f, f.mean(dim=(2, 3))
+
+
+def freeze_early_layers(encoder, n_blocks):
+    """Stop gradients through the stem and the first ``n_blocks`` blocks of an encoder.
+
+    Returns the number of parameters frozen.
+    """
+    if n_blocks <= 0:
+        return 0
+    frozen = []
+    if isinstance(encoder, EfficientNetLite0):
+        net = encoder.net
+        frozen = [net._conv_stem, net._bn0] + list(net._blocks[:n_blocks])
+    elif isinstance(encoder, DinoV2):
+        frozen = [encoder.patch_embed] + list(encoder.blocks[:n_blocks])
+        encoder.cls_token.requires_grad_(False)
+        encoder.pos_embed.requires_grad_(False)
+    else:
+        raise ConfigError('encoder_frozen_blocks is supported for efficientnet_lite0 and '
+                          'DINOv2 encoders; set it to 0 for timm backbones')
+    count = 0
+    for module in frozen:
+        for p in module.parameters():
+            if p.requires_grad:
+                p.requires_grad_(False)
+                count += p.numel()
+    return count
 
 
 def build_encoder(config, pretrained=True):

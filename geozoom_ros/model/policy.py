@@ -60,7 +60,7 @@ class HeadingEmbed(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(2 * harmonics, d), nn.SiLU(), nn.Linear(d, d))
 
     def forward(self, heading_deg):
-        th = torch.deg2rad(heading_deg.float())[:, None]
+        th = (heading_deg.float() * (math.pi / 180.0))[:, None]
         m = torch.arange(1, self.harmonics + 1, device=th.device, dtype=th.dtype)[None]
         return self.mlp(torch.cat((torch.sin(m * th), torch.cos(m * th)), dim=1))
 

@@ -141,7 +141,7 @@ def prior_from_odometry(msg, frame, datum_yaw, min_sigma_m):
 
 def prior_from_navsatfix(msg, min_sigma_m):
     """Return a :class:`Prior` from a ``sensor_msgs/NavSatFix`` (NO_FIX raises InputError)."""
-    if int(msg.status.status) < NavSatStatus.STATUS_FIX:
+    if int(msg.status.status) == NavSatStatus.STATUS_NO_FIX:
         raise InputError('NavSatFix prior has status NO_FIX')
     lat, lon = float(msg.latitude), float(msg.longitude)
     if not (math.isfinite(lat) and math.isfinite(lon)):
@@ -253,6 +253,11 @@ class PriorMonitor:
         return False
 
 
+#: Problem kind -> the statistics counter it increments (kinds not listed count elsewhere).
+_COUNTERS = {'image': 'bad_images', 'prior': 'bad_priors', 'prior_block': 'frames_no_fix_prior',
+             'heading': 'bad_headings', 'error': 'errors'}
+
+
 class _Stamped:
     """A value with the monotonic time it arrived and, for bad input, why it is bad."""
 
@@ -260,6 +265,24 @@ class _Stamped:
 
     def __init__(self, value, t, error=None):
         self.value, self.t, self.error = value, t, error
+
+
+def _check_topic_names(p):
+    """Raise ConfigError (one line) for a topic parameter that is no valid ROS topic name."""
+    from rclpy.exceptions import InvalidTopicNameException
+    from rclpy.validate_topic_name import validate_topic_name
+
+    for name in ('image_topic', 'fix_topic', 'pose_topic', 'hypotheses_topic',
+                 'diagnostics_topic', 'prior_topic', 'heading_topic'):
+        value = getattr(p, name)
+        if not value:
+            continue
+        try:
+            validate_topic_name(value)
+        except InvalidTopicNameException as exc:
+            why = str(exc).splitlines()[0].rstrip(':').replace('Invalid topic name: ', '')
+            raise P.ConfigError(f'parameter {name}={value!r} is not a valid ROS topic name '
+                                f'({why})') from None
 
 
 def _make_converter(choice, transport, log):
@@ -326,6 +349,7 @@ class GeoZoomNode(Node):
 
     def _setup(self, params, localizer):
         p = self.params = P.declare(self, params)
+        _check_topic_names(p)
         if localizer is None:
             p.validate(f'node {self.get_name()}', check_files=True)
             from geozoom_ros.localizer import GeoZoomLocalizer
@@ -336,7 +360,7 @@ class GeoZoomNode(Node):
         self.localizer = localizer
         if p.datum_source == 'map_center':
             w, s, e, n = localizer.bundle.bounds
-            self.datum = (0.5 * (s + n), 0.5 * (w + e))
+            self.datum = (0.5 * (s + n), 0.5 * (w + e))  # as params.map_center()
         else:
             self.datum = (p.datum_latitude, p.datum_longitude)
         self.frame = LocalFrame(*self.datum)
@@ -352,8 +376,8 @@ class GeoZoomNode(Node):
         self._heading = None
         self.stats = {'frames_received': 0, 'frames_processed': 0, 'frames_dropped': 0,
                       'fixes_published': 0, 'fixes_gated_out': 0, 'no_cell_reached': 0,
-                      'bad_images': 0, 'bad_priors': 0, 'bad_headings': 0, 'errors': 0,
-                      'prior_fallbacks': 0}
+                      'bad_images': 0, 'bad_priors': 0, 'frames_no_fix_prior': 0,
+                      'bad_headings': 0, 'errors': 0, 'prior_fallbacks': 0}
         self._arrivals = deque()
         self._latency_ms = deque(maxlen=200)
         self._publish_latency_ms = deque(maxlen=200)
@@ -426,6 +450,13 @@ class GeoZoomNode(Node):
 
     def _on_prior_odometry(self, msg):
         p = self.params
+        frame_id = msg.header.frame_id.lstrip('/')
+        if frame_id and frame_id != p.pose_frame_id:
+            self._prior = _Stamped(None, time.monotonic(), f'odometry prior is in frame '
+                                   f'{frame_id!r}, not the map frame {p.pose_frame_id!r} '
+                                   '(pose_frame_id)')
+            self._problem('prior', f'bad prior ignored: {self._prior.error}')
+            return
         self._set_prior(lambda: prior_from_odometry(msg, self.frame, p.datum_yaw,
                                                     p.prior_min_sigma_m))
 
@@ -463,10 +494,10 @@ class GeoZoomNode(Node):
 
     def _problem(self, kind, message):
         """Count a bad input, keep it for diagnostics and log it (throttled)."""
-        key = {'image': 'bad_images', 'prior': 'bad_priors', 'heading': 'bad_headings'}.get(
-            kind, 'errors')
+        key = _COUNTERS.get(kind)
         with self._lock:
-            self.stats[key] += 1
+            if key:
+                self.stats[key] += 1
             self._problems[kind] = (time.monotonic(), message)
             self._problem_since_diag = True
         allowed, suppressed = self._throttle.ready(kind)
@@ -526,10 +557,15 @@ class GeoZoomNode(Node):
         return st.value, True, 'prior'
 
     def _process(self, msg, t_recv):
+        try:
+            self._localize_and_publish(msg, t_recv)
+        finally:
+            with self._lock:
+                self.stats['frames_processed'] += 1
+
+    def _localize_and_publish(self, msg, t_recv):
         p = self.params
         t0 = time.monotonic()
-        with self._lock:
-            self.stats['frames_processed'] += 1
         try:
             rgb = self.convert(msg)
         except InputError as exc:
@@ -538,15 +574,18 @@ class GeoZoomNode(Node):
         heading, self.heading_mode = self._current_heading(t0)
         prior, usable, self.prior_mode = self._current_prior(t0)
         if not usable:
-            self._problem('prior', f'no fix: {self.prior_mode}')
+            self._problem('prior_block', f'no fix: {self.prior_mode}')
             return
         search_prior = None if (prior is None or self._monitor.whole_map) else prior
         try:
             fix = self._localize(rgb, heading, search_prior)
         except InputError as exc:
             if search_prior is not None and 'prior' in str(exc):
-                self._problem('prior', f'no fix: {exc}')
+                self._problem('prior_block', f'no fix: {exc}')
                 self._observe_prior(False)
+            elif heading is None and self.localizer.heading_input:
+                self._problem('heading', f'no fix: {self.heading_mode}, and the backend '
+                              f'cannot run this model without a heading ({exc})')
             else:
                 self._problem('image', f'bad image on {p.image_topic} dropped: {exc}')
             return
@@ -582,8 +621,8 @@ class GeoZoomNode(Node):
             if self._monitor.whole_map:
                 with self._lock:
                     self.stats['prior_fallbacks'] += 1
-                self._problem('prior', f'{self.params.prior_disagree_count} fixes in a row '
-                              'disagreed with the prior: searching the whole map')
+                self._problem('prior_fallback', f'{self.params.prior_disagree_count} fixes in a '
+                              'row disagreed with the prior: searching the whole map')
             else:
                 self.get_logger().info('fixes agree with the prior again: prior search resumed')
 
@@ -706,12 +745,13 @@ class GeoZoomNode(Node):
         st.name = f'{self.get_name()}: visual geo-localization'
         st.hardware_id = str(self.localizer.bundle.path)
         degraded = 'heading-free' in self.heading_mode and self.localizer.heading_input
-        if fresh_problem or self._monitor.whole_map and p.prior_source != 'none' or degraded:
+        fallback = self._monitor.whole_map and p.prior_source != 'none'
+        if fresh_problem or fallback or degraded:
             st.level = DiagnosticStatus.WARN
             recent = max(problems.items(), key=lambda kv: kv[1][0])[1][1] if problems else ''
             st.message = recent if fresh_problem else (
                 'searching the whole map: fixes disagreed with the prior'
-                if self._monitor.whole_map else self.heading_mode)
+                if fallback else self.heading_mode)
         elif last is None:
             st.level = DiagnosticStatus.OK
             st.message = 'waiting for frames'

@@ -228,8 +228,9 @@ def _coerce(name, value, default, where):
     else:
         ok = isinstance(value, str)
     if not ok:
-        kind = type(default).__name__.replace('str', 'string').replace('float', 'number')
-        raise ConfigError(f'{where}: {name} must be a {kind}, got {value!r}')
+        kind = {bool: 'true or false', int: 'an integer', float: 'a number',
+                str: 'a string'}[type(default)]
+        raise ConfigError(f'{where}: {name} must be {kind}, got {value!r}')
     return value
 
 
@@ -356,3 +357,25 @@ def declare(node, base=None):
 def _one_line(exc):
     text = ' '.join(str(exc).split())
     return text[:160]
+
+
+def map_center(bundle_path):
+    """Return ``(lat, lon)`` degrees of the centre of a map bundle's bounds."""
+    from geozoom_ros.bundle import load_bundle
+
+    w, s, e, n = load_bundle(bundle_path).bounds
+    return 0.5 * (s + n), 0.5 * (w + e)
+
+
+def parse_datum(text):
+    """Parse ``'lat,lon[,yaw]'`` (degrees, degrees, radians) into a 3-tuple of floats."""
+    parts = [p for p in str(text).replace(' ', ',').split(',') if p]
+    try:
+        values = [float(p) for p in parts]
+    except ValueError:
+        values = []
+    if len(values) not in (2, 3) or not all(math.isfinite(v) for v in values) or \
+            abs(values[0]) > 85.0 or abs(values[1]) > 180.0:
+        raise ConfigError(f'datum {text!r} must be "lat,lon" or "lat,lon,yaw" (degrees, '
+                          'degrees, radians counter-clockwise from east)')
+    return tuple(values + [0.0] * (3 - len(values)))

@@ -96,6 +96,12 @@ class World:
         self._lock = threading.Lock()
         self.heldout_only = {}
 
+    def reopen(self):
+        """Open this world's map again (a DataLoader worker must not share SQLite handles)."""
+        if self._render_view is None and Path(self.name).exists():
+            from geozoom_ros.tiles.store import open_store
+            self.store = open_store(self.name)
+
     def roots(self, root_zoom):
         """Return the cells at ``root_zoom`` that intersect the map's bounds (west->east)."""
         w, s, e, n = self.bounds

@@ -33,7 +33,7 @@ import torch.nn.functional as F
 from geozoom_ros import geo
 from geozoom_ros.errors import ConfigError, GeoZoomError, InputError
 from geozoom_ros.model.config import load_preset, TrainPreset
-from geozoom_ros.model.encoders import normalise
+from geozoom_ros.model.encoders import freeze_early_layers, normalise
 from geozoom_ros.model.io import atomic_write_bytes, atomic_write_json, save_model, \
     tensors_to_bytes
 from geozoom_ros.model.retrieval import multi_positive_infonce
@@ -119,6 +119,12 @@ def load_data(pairs, preset, progress=True, stores=None, renderers=None):
                                    progress=progress and _rank() == 0)
         if progress and _rank() == 0:
             print(report.summary(), file=sys.stderr)
+            n_roots = len(world.roots(cfg.root_zoom))
+            if n_roots > 1:
+                print(f'note: {map_path} spans {n_roots} root cells at root_zoom '
+                      f'{cfg.root_zoom}; paths are ranked across roots by their probability, '
+                      'which the decoder calibrates poorly: a root_zoom (with more steps) whose '
+                      'one cell covers the map localises better', file=sys.stderr)
         worlds.append(world)
         reports.append(report)
     return TrainData(worlds, reports, preset)
@@ -259,6 +265,13 @@ class BatchSource(torch.utils.data.Dataset):
         idx = self.order(epoch)[b * bs:(b + 1) * bs]
         gen = torch.Generator().manual_seed(_batch_seed(self.tc.seed, epoch, b, self.rank))
         return build_batch(self.data, idx, gen, self.method, train=True)
+
+
+def _worker_init(worker_id):
+    info = torch.utils.data.get_worker_info()
+    torch.set_num_threads(1)
+    for world in info.dataset.data.worlds:
+        world.reopen()
 
 
 def build_batch(data, idx, gen, method, train=True):
@@ -686,6 +699,7 @@ def train(pairs, out_dir, preset=None, resume=False, epochs=None, max_minutes=No
 
     data = load_data(pairs, preset, progress=progress, stores=stores, renderers=renderers)
     model = (ZoomPolicy if method == 'zoom' else RetrievalModel)(cfg, pretrained=ckpt is None)
+    freeze_early_layers(model.encoder, tc.encoder_frozen_blocks)
     model.to(device)
     step_module = TrainStep(model, method, tc)
     optimizer = torch.optim.AdamW(param_groups(model, tc), betas=(0.9, 0.999))
@@ -721,7 +735,8 @@ def train(pairs, out_dir, preset=None, resume=False, epochs=None, max_minutes=No
                                          persistent_workers=tc.num_workers > 0,
                                          # Its own generator: creating the iterator must not
                                          # draw from the global RNG (dropout) on resume.
-                                         generator=torch.Generator().manual_seed(tc.seed))
+                                         generator=torch.Generator().manual_seed(tc.seed),
+                                         worker_init_fn=_worker_init)
     out_dir.mkdir(parents=True, exist_ok=True)
     if rank == 0 and progress:
         print(f'training {method} on {len(data.train)} rows ({len(data.val)} validating), '

@@ -74,7 +74,7 @@ def run(args):
 
     workers = args.workers or len(os.sched_getaffinity(0))
     origin = (47.3769, 8.5417)
-    res = dict(workers=workers, size_m=args.size_m)
+    res = dict(workers=workers, size_m=args.size_m, load_avg_start=os.getloadavg()[0])
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
 
     t0 = time.perf_counter()
@@ -169,6 +169,9 @@ def run(args):
             f'{len(tasks)} tiles of {tile_s:.2f} s -> EXTRAPOLATED '
             f'{b["extrapolated_ortho_min"]:.0f} min with {workers} workers; 512x384 view '
             f'{res["big_latency_512x384"]["wall_p50_ms"]:.0f} ms')
+    res['load_avg_end'] = os.getloadavg()[0]
+    say(f'machine load average (1 min): {res["load_avg_start"]:.1f} at the start, '
+        f'{res["load_avg_end"]:.1f} at the end, on {os.cpu_count()} cores')
     self_mb, child_mb = _rss_mb()
     res['peak_rss_main_mb'] = self_mb
     res['peak_rss_worker_mb'] = child_mb

@@ -690,7 +690,8 @@ def _place_landmarks(rng, blocks, buildings, tree_parts, plazas, knobs, size):
         return []
     h = size / 2.0 - 30.0
     cand = [k for k, b in enumerate(blocks)
-            if np.all(np.abs(b.polygon.mean(0)) < h) and polygon_area(b.polygon) > 1500]
+            if np.all(np.abs(b.polygon.mean(0)) < h) and polygon_area(b.polygon) > 1500
+            and b.kind in ('buildings', 'plaza', 'parking')]
     if not cand:
         return []
     chosen = []
@@ -891,8 +892,9 @@ def chunk_mesh(city, box):
         _trees_mesh(trees, {key: v[sel] for key, v in t.items()})
     trees = trees.array()
     solid_ranges = {'structures': (0, len(structures)), 'trees': (len(structures), len(trees))}
+    # Stored top layer first: one draw call per chunk then shades each ground pixel once.
     ranges, arrays, first = {}, [], 0
-    for name in FLAT_LAYERS:
+    for name in reversed(FLAT_LAYERS):
         arr = layers[name].array()
         ranges[name] = (first, len(arr))
         first += len(arr)
@@ -1135,12 +1137,13 @@ def _trees_mesh(buf, t):
         col = np.repeat(t['color'][con], 3 * k)
         buf.tris(pos.reshape(-1, 3), nrm.reshape(-1, 3), MAT_FOLIAGE, col,
                  pos.reshape(-1, 3)[:, :2], 1.0)
-    # Trunks: thin square prisms up to the crown.
-    r = 0.22
+    # Trunks: thin triangular prisms up to the crown.
+    r = 0.25
     top = np.where(dec, crown_base + 0.8, 1.6)
-    sq = np.array([[r, 0], [0, r], [-r, 0], [0, -r]])
-    for j in range(4):
-        a, b = sq[j], sq[(j + 1) % 4]
+    ang = np.radians([90.0, 210.0, 330.0])
+    sq = r * np.stack([np.cos(ang), np.sin(ang)], 1)
+    for j in range(3):
+        a, b = sq[j], sq[(j + 1) % 3]
         pa0 = np.concatenate([t['xy'] + a, np.zeros((n, 1))], 1)
         pb0 = np.concatenate([t['xy'] + b, np.zeros((n, 1))], 1)
         pa1 = np.concatenate([t['xy'] + a, top[:, None]], 1)

@@ -163,6 +163,9 @@ def make_world(out_dir, seed, size_m, origin, style='summer', n_ground=2000,
         raise InputError(f'workers={workers} must be at least 1')
     knob_values = S.make_knobs(knobs, difficulty)
     out = _check_out_dir(out_dir)
+    # Fail here with the packages to install, not in the workers (a pool would respawn them).
+    from geozoom_ros.world.render_gl import create_context
+    create_context().release()
     timings = {}
 
     t = time.time()
@@ -267,13 +270,19 @@ def _make_drive(city, out, size, seed, progress):
                               city.origin[0])
     renderer = GroundRenderer(city, size[0], size[1])
     try:
-        path = drive_mod.write_drive_bag(city, renderer, target, length_m=2000.0,
-                                         rate_hz=5.0, seed=seed, progress=progress,
-                                         lighting=light)
-    except InputError as exc:
-        # A small city may hold no 2 km route: the rest of the world is still useful.
-        print(f'world: note: no drive bag written: {exc}', flush=True)
-        return dict(error=str(exc))
+        # The route planner draws a random walk; when one falls short, the next seed is used.
+        for attempt in range(6):
+            try:
+                path = drive_mod.write_drive_bag(city, renderer, target, length_m=2000.0,
+                                                 rate_hz=5.0, seed=seed + attempt,
+                                                 progress=progress, lighting=light)
+                break
+            except InputError as exc:
+                error = exc
+        else:
+            # A small city may hold no 2 km route: the rest of the world is still useful.
+            print(f'world: note: no drive bag written: {error}', flush=True)
+            return dict(error=str(error))
     finally:
         renderer.close()
-    return dict(path=Path(path).name, length_m=2000.0, rate_hz=5.0)
+    return dict(path=Path(path).name, length_m=2000.0, rate_hz=5.0, seed=seed + attempt)

@@ -79,7 +79,7 @@ def make_preview(world_dir, out_path, n=8, split=None, overview_px=900, row_px=2
 
         def to_px(lat, lon, s=1.0):
             e, nn, _ = latlon_to_utm(lat, lon, epsg)
-            c, r = inv * (e, nn)
+            c, r = inv @ (e, nn)
             return c / s, r / s
 
         overview = Image.fromarray(np.moveaxis(data, 0, -1))
@@ -100,7 +100,7 @@ def make_preview(world_dir, out_path, n=8, split=None, overview_px=900, row_px=2
             col = _COLOURS[k % len(_COLOURS)]
             _wedge(draw, to_px, v, 60.0, scale, col, str(k + 1))
             e, nn, _ = latlon_to_utm(v['lat'], v['lon'], epsg)
-            c, r = inv * (e, nn)
+            c, r = inv @ (e, nn)
             rad = int(round(half_m / res))
             window = rasterio.windows.Window(int(c) - rad, int(r) - rad, 2 * rad, 2 * rad)
             crop = full.read(window=window, boundless=True, fill_value=0)
@@ -111,7 +111,7 @@ def make_preview(world_dir, out_path, n=8, split=None, overview_px=900, row_px=2
 
             def crop_px(lat, lon, c0=int(c) - rad, r0=int(r) - rad, s=s):
                 ee, nnn, _ = latlon_to_utm(lat, lon, epsg)
-                cc, rr = inv * (ee, nnn)
+                cc, rr = inv @ (ee, nnn)
                 return (cc - c0) / s, (rr - r0) / s
             _wedge(cd, lambda a, b, _s=1.0: crop_px(a, b), v, 55.0, 1.0, col, None, width=2)
             crops.append(crop_img)

@@ -29,20 +29,21 @@ uniform mat4 mvp;
 uniform mat4 light_mvp;
 in vec3 in_pos; in vec3 in_nrm; in float in_mat; in float in_col; in vec2 in_uv;
 in float in_tint; in float in_obj;
+uniform sampler2D palette;
 out vec3 v_pos; out vec3 v_nrm; out vec2 v_uv; out vec3 v_light;
-flat out int v_mat; flat out int v_col; flat out float v_tint; flat out float v_obj;
+flat out int v_mat; flat out vec3 v_base; flat out float v_tint; flat out float v_obj;
 void main() {
     gl_Position = mvp * vec4(in_pos, 1.0);
     v_pos = in_pos; v_nrm = in_nrm; v_uv = in_uv;
     vec4 lc = light_mvp * vec4(in_pos + in_nrm * 0.08, 1.0);
     v_light = lc.xyz / lc.w * 0.5 + 0.5;
-    v_mat = int(in_mat + 0.5); v_col = int(in_col + 0.5); v_tint = in_tint; v_obj = in_obj;
+    v_mat = int(in_mat + 0.5); v_tint = in_tint; v_obj = in_obj;
+    v_base = texelFetch(palette, ivec2(int(in_col + 0.5), 0), 0).rgb;
 }
 '''
 
 _FS = '''
 #version 330
-uniform sampler2D palette;
 uniform sampler2DShadow shadow_map;
 uniform sampler2D noise_tex;
 uniform int use_shadow;
@@ -58,7 +59,7 @@ uniform float ambient;
 uniform float visibility;
 uniform float exposure;
 in vec3 v_pos; in vec3 v_nrm; in vec2 v_uv; in vec3 v_light;
-flat in int v_mat; flat in int v_col; flat in float v_tint; flat in float v_obj;
+flat in int v_mat; flat in vec3 v_base; flat in float v_tint; flat in float v_obj;
 out vec4 frag;
 
 float hash(vec2 p) {
@@ -79,7 +80,7 @@ void main() {
                / 255.0;
         return;
     }
-    vec3 base = texelFetch(palette, ivec2(v_col, 0), 0).rgb;
+    vec3 base = v_base;
     vec3 n = normalize(v_nrm);
     vec2 p = v_pos.xy;
     float ao = 1.0;
@@ -104,7 +105,7 @@ void main() {
             base *= 0.72;        // roof fixtures
     } else if (v_mat == 4) {     // facades with windows
         float b = 0.92 + 0.16 * fract(v_tint * 7.31);
-        base *= b * (0.93 + 0.1 * vnoise(v_uv * vec2(0.7, 0.3)));
+        base *= b * (0.95 + 0.06 * vnoise(v_uv * vec2(2.1, 0.9)));
         float bay = 2.4 + 1.8 * fract(v_tint * 3.17);
         float fh = 3.1 + 0.3 * fract(v_tint * 5.3);
         vec2 c = v_uv / vec2(bay, fh);
@@ -364,7 +365,9 @@ class GroundRenderer:
         self.chunk_m = float(chunk_m)
         self.max_chunks = int(max_chunks)
         #: Trees farther than this (metres, chunk centre) are not drawn in perspective views.
-        self.tree_lod_m = 700.0
+        self.tree_lod_m = 500.0
+        #: Far plane (metres) of perspective views of 512 pixels and more; haze hides it.
+        self.far_m = 1200.0
         self.ctx = create_context()
         self._mgl = moderngl
         ctx = self.ctx
@@ -452,7 +455,7 @@ class GroundRenderer:
         flat, ranges, solid, solid_ranges = C.chunk_mesh(
             self.city, (i * cm, j * cm, (i + 1) * cm, (j + 1) * cm))
         ctx = self.ctx
-        ch = dict(ranges=ranges, solid_ranges=solid_ranges,
+        ch = dict(ranges=ranges, solid_ranges=solid_ranges, n_flat=len(flat),
                   centre=np.array([(i + 0.5) * cm, (j + 0.5) * cm]))
         ch['flat_vbo'] = ctx.buffer(flat.tobytes())
         ch['flat'] = ctx.vertex_array(self.prog, [(ch['flat_vbo'], _FMT) + _ATTRS],
@@ -504,7 +507,7 @@ class GroundRenderer:
         lm = _light_matrix(light.sun_vector(), region, 160.0)
         # Casters may stand outside the region and throw their shadow into it.
         el = max(math.radians(light.sun_elevation_deg), math.radians(8.0))
-        reach = min(160.0 / math.tan(el), 500.0)
+        reach = min(120.0 / math.tan(el), 300.0)
         sx, sy = -light.sun_vector()[:2] / (np.linalg.norm(light.sun_vector()[:2]) + 1e-9)
         x0, y0, x1, y1 = region
         grown = (min(x0, x0 - sx * reach), min(y0, y0 - sy * reach),
@@ -548,12 +551,11 @@ class GroundRenderer:
                     count += ch['solid_ranges']['trees'][1]
                 if count:
                     ch['solid'].render(first=first, vertices=count)
-        # Flat layers top first: the depth test rejects what lies under a higher layer.
-        for layer in reversed(C.FLAT_LAYERS):
-            for ch in chunks:
-                first, count = ch['ranges'][layer]
-                if count:
-                    ch['flat'].render(first=first, vertices=count)
+        # Flat layers, stored top layer first: the depth test rejects what lies under a
+        # higher layer before it is shaded.
+        for ch in chunks:
+            if ch['n_flat']:
+                ch['flat'].render()
         self._ground_vao.render()
 
     def _read(self, fbo, w, h, ss):
@@ -590,22 +592,26 @@ class GroundRenderer:
         light = lighting or S.ortho_lighting(self.city.style, self.city.origin[0])
         w, h = size or (self.width, self.height)
         ss = self.supersample
+        # Small images cannot show far detail: draw less of it (level of detail by size).
+        detail = min(1.0, (w * ss / 1024.0) ** 0.5)
         eye, vp = self._perspective_frame(east_m, north_m, height_m, heading_deg, fov_deg,
-                                          pitch_deg, roll_deg, w, h, vfov_deg, far=1600.0)
+                                          pitch_deg, roll_deg, w, h, vfov_deg,
+                                          near=max(0.25, 0.02 * height_m),
+                                          far=self.far_m * detail)
         keys = self._visible(vp)
         if light.shadows:
             fwd = camera_axes(heading_deg, pitch_deg)[2]
-            reach = 170.0 + 1.5 * height_m
+            reach = 130.0 + 1.5 * height_m
             cx, cy = eye[0] + fwd[0] * reach * 0.75, eye[1] + fwd[1] * reach * 0.75
             self._render_shadow(light, (cx - reach, cy - reach, cx + reach, cy + reach),
-                                self.shadow_size)
+                                self.shadow_size if detail >= 1 else self.shadow_size // 2)
         else:
             _set(self.prog, 'use_shadow', 0)
         fbo = self._fbo(w * ss, h * ss)
         fbo.use()
         fbo.clear(*light.horizon_rgb, 1.0, depth=1.0)
         self._set_lighting(light, True, eye)
-        self._draw_scene(vp, keys, eye=eye, tree_m=self.tree_lod_m)
+        self._draw_scene(vp, keys, eye=eye, tree_m=self.tree_lod_m * detail)
         self._draw_sky(light, vp, eye)
         return self._read(fbo, w, h, ss)
 

@@ -77,10 +77,14 @@ def test_eval_json_has_every_key_for_every_method(world, capsys, method, model):
     assert res['recall@25m'] <= res['recall@50m'] <= res['recall@100m']
     assert res['median_error_m'] <= res['p90_error_m'] < 2000
     assert res['nees_mean'] > 0 and res['latency_ms_p95'] >= res['latency_ms_p50'] > 0
-    assert res['chance']['step_accuracy'] == [0.25, 0.25]
     if method == 'retrieval' or method == 'ground-knn':
         assert res['step_accuracy'] is None
+        assert res['chance']['step_accuracy'] == [0.25, 0.25]
     else:
+        # Chance is 1 / (children with imagery): 1/4 inside the map, more at its edges.
+        assert res['chance']['step_accuracy_uniform'] == [0.25, 0.25]
+        assert all(0.25 <= c <= 1 for c in res['chance']['step_accuracy'])
+        assert res['chance']['step_accuracy'][0] > 0.25  # the map covers part of each root
         assert len(res['step_accuracy']) == 2
         assert all(0 <= a <= 1 for a in res['step_accuracy'])
     if method == 'ground-knn':

@@ -5,7 +5,7 @@ import torch
 
 from geozoom_ros.errors import ConfigError, InputError
 from geozoom_ros.model.config import PolicyConfig
-from geozoom_ros.model.encoders import build_encoder, DinoV2
+from geozoom_ros.model.encoders import build_encoder, DinoV2, freeze_early_layers
 
 
 def test_lite0_imagenet_weights_load_offline_and_are_deterministic():
@@ -42,6 +42,17 @@ def test_batch_norm_statistics_stay_frozen_in_training():
     before = bns[0].running_mean.clone()
     enc(torch.randn(2, 3, 32, 32) * 5 + 3)
     assert torch.equal(bns[0].running_mean, before)
+
+
+def test_freezing_early_layers_stops_their_gradients():
+    enc = build_encoder(PolicyConfig(), pretrained=False)
+    n = freeze_early_layers(enc, 6)
+    assert n == sum(p.numel() for m in [enc.net._conv_stem, enc.net._bn0, *enc.net._blocks[:6]]
+                    for p in m.parameters())
+    fmap, pooled = enc(torch.randn(1, 3, 32, 32))
+    pooled.sum().backward()
+    assert enc.net._blocks[5]._project_conv.weight.grad is None
+    assert enc.net._blocks[6]._project_conv.weight.grad is not None
 
 
 def test_backbones_need_a_local_weights_file(tmp_path):

@@ -147,3 +147,37 @@ def test_multi_positive_infonce():
     good = multi_positive_infonce(q, k, pos, torch.tensor(20.0))
     bad = multi_positive_infonce(q, k, ~pos, torch.tensor(20.0))
     assert good < bad
+
+
+@pytest.mark.filterwarnings('ignore')
+def test_policy_exports_to_onnx():
+    import io
+
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    model = ZoomPolicy(tiny(heading_input=True), pretrained=False).eval()
+
+    class Step(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, g, sat, a):
+            return self.m.step_logits(g, sat, a)
+
+    class Ground(Step):
+        def forward(self, x, h):
+            return self.m.encode_ground(x, h)
+
+    cases = [(Step(), (torch.randn(2, 32), torch.randn(2, 3, 32), torch.randint(0, 16, (2, 2)))),
+             (Ground(), (torch.randn(2, 3, 32, 48), torch.tensor([10.0, float('nan')])))]
+    for module, args in cases:
+        f = io.BytesIO()
+        torch.onnx.export(module, args, f, dynamo=False, opset_version=17)
+        sess = ort.InferenceSession(f.getvalue())
+        feeds = {i.name: a.numpy() for i, a in zip(sess.get_inputs(), args)}
+        out = sess.run(None, feeds)[0]
+        with torch.no_grad():
+            ref = module(*args).numpy()
+        assert np.abs(out - ref).max() < 1e-4

@@ -74,11 +74,11 @@ def test_presets_drone_and_panorama(city, renderer):
     # A full circle: the left and right edges meet.
     seam = np.abs(pano[:, 0].astype(int) - pano[:, -1].astype(int)).mean()
     assert seam < 25
-    # The panorama's column at azimuth 90 matches a plain view looking east.
-    east = renderer.render(x, y, 1.8, 90.0, 30.0, size=(64, 64), vfov_deg=90.0)
-    col = pano[:, 64].astype(float)
-    ref = east[:, 32].astype(float)
-    assert np.corrcoef(col.mean(1), ref.mean(1))[0, 1] > 0.6
+    # The panorama's columns at azimuth 45 match a plain view looking north-east.
+    ne = renderer.render(x, y, 1.8, 45.0, 30.0, size=(64, 64), vfov_deg=90.0)
+    col = pano[:, 31:34].astype(float).mean(axis=(1, 2))
+    ref = ne[:, 30:34].astype(float).mean(axis=(1, 2))
+    assert np.corrcoef(col, ref)[0, 1] > 0.7
 
 
 def test_styles_change_both_views_consistently(city):
@@ -150,3 +150,21 @@ def test_a_building_seen_at_bearing_b_distance_d_is_there_in_the_orthophoto(city
     assert total > 50
     assert agree / total > 0.85
     assert inside / total > 0.85
+
+
+def test_missing_egl_is_one_line_naming_the_packages(tmp_path):
+    import os
+    import subprocess
+    import sys
+    env = dict(os.environ, __EGL_VENDOR_LIBRARY_FILENAMES=str(tmp_path / 'none.json'))
+    import geozoom_ros
+    root = os.path.dirname(os.path.dirname(os.path.abspath(geozoom_ros.__file__)))
+    env['PYTHONPATH'] = os.pathsep.join([root] + sys.path)
+    proc = subprocess.run(
+        [sys.executable, '-m', 'geozoom_ros.cli', 'world', 'make', '--seed', '1', '--size-m',
+         '200', '--origin', '52.5,13.4', '-o', str(tmp_path / 'w'), '--quiet', '--no-drive'],
+        env=env, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    err = proc.stderr.strip()
+    assert '\n' not in err and 'EGL' in err
+    assert 'libegl1 libgl1 libegl-mesa0 libgl1-mesa-dri' in err
