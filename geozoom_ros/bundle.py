@@ -537,9 +537,11 @@ def build_bundle(map_path, model_path, out_dir, batch_size=32, progress=True,
     down to the parent of the terminal level and encoded by the model's map encoder. With
     ``retrieval_model``, every level's cells also get retrieval embeddings of a north-up crop
     centred on the cell, of side ``max(cell size, context_m)`` metres (default: the retrieval
-    model's training context, about 100 m). A bundle already at ``out_dir`` for the same map
-    and models is reused unless ``overwrite``; anything else there that is a bundle is replaced
-    atomically once the new one is complete.
+    model's training context, about 100 m); a heading-aligned retrieval model also gets the
+    terminal cells' crops at 8 headings. A bundle already at ``out_dir`` for the same map and
+    models is reused unless ``overwrite`` (and its policy tokens are reused when only retrieval
+    embeddings are added); anything else there that is a bundle is replaced atomically once the
+    new one is complete.
     """
     from geozoom_ros.runtime.torch_backend import TorchBackend, TorchRetrieval
     from geozoom_ros.tiles.store import open_store
@@ -567,20 +569,27 @@ def build_bundle(map_path, model_path, out_dir, batch_size=32, progress=True,
 
     tmp = _tmp_sibling(out_dir, 'tmp')
     shutil.rmtree(tmp, ignore_errors=True)
+    # Policy tokens of the same map and model are reused when only retrieval is added.
+    reuse = not overwrite and _existing_matches(out_dir, map_sha, backend.model_hash, None) \
+        and (out_dir / COVERAGE_FILE).is_file()
     tmp.mkdir()
     try:
-        tokens = np.lib.format.open_memmap(tmp / TOKENS_FILE, mode='w+', dtype=np.float16,
-                                           shape=(n, d))
-        coverage = np.lib.format.open_memmap(tmp / COVERAGE_FILE, mode='w+', dtype=np.float16,
-                                             shape=(n,))
-        for lv in token_levels:
-            sl = slice(lv.offset, lv.offset + lv.count)
-            _encode_cells(lv.cells(), lambda c: render_view(store, c, view_size),
-                          backend.encode_map, tokens[sl], batch_size, progress,
-                          f'level {lv.index} (zoom {lv.zoom})', coverage[sl])
-        tokens.flush()
-        coverage.flush()
-        del tokens, coverage
+        if reuse:
+            shutil.copyfile(out_dir / TOKENS_FILE, tmp / TOKENS_FILE)
+            shutil.copyfile(out_dir / COVERAGE_FILE, tmp / COVERAGE_FILE)
+        else:
+            tokens = np.lib.format.open_memmap(tmp / TOKENS_FILE, mode='w+', dtype=np.float16,
+                                               shape=(n, d))
+            coverage = np.lib.format.open_memmap(tmp / COVERAGE_FILE, mode='w+',
+                                                 dtype=np.float16, shape=(n,))
+            for lv in token_levels:
+                sl = slice(lv.offset, lv.offset + lv.count)
+                _encode_cells(lv.cells(), lambda c: render_view(store, c, view_size),
+                              backend.encode_map, tokens[sl], batch_size, progress,
+                              f'level {lv.index} (zoom {lv.zoom})', coverage[sl])
+            tokens.flush()
+            coverage.flush()
+            del tokens, coverage
         ret_info = None
         if retr is not None:
             ret_info = _build_retrieval(store, levels, retr, tmp, batch_size, progress,

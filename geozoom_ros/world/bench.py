@@ -28,6 +28,8 @@ def register(bench_sub):
     p.add_argument('--big-m', type=float, default=10000.0,
                    help='side of the big city to check (10000; 0 skips it)')
     p.add_argument('--no-drive', action='store_true', help='skip the drive bag')
+    p.add_argument('--no-make', action='store_true',
+                   help='skip the world make and the training-view runs')
     p.add_argument('--workers', type=int, default=None, help='render processes (all cores)')
     p.add_argument('--seed', type=int, default=7, help='city seed (7)')
     p.add_argument('--json', action='store_true', help='print the figures as JSON')
@@ -64,11 +66,9 @@ def run(args):
     """Run the benchmark and print its figures; return 0."""
     import json
     import os
-    import tempfile
     import time
 
     from geozoom_ros.world import dataset as D
-    from geozoom_ros.world import make as M
     from geozoom_ros.world import ortho as orthophoto
     from geozoom_ros.world.city import make_city
 
@@ -100,6 +100,76 @@ def run(args):
         r = res[key]
         say(f'{key}: {r["wall_p50_ms"]:.1f} ms wall, {r["cpu_p50_ms"]:.1f} ms CPU '
             f'(one process, 2x supersampling, shadows)')
+
+    if not args.no_make:
+        _make_runs(args, city, origin, workers, res, say)
+
+    if args.big_m > 0:
+        import resource
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        t0 = time.perf_counter()
+        big = make_city(args.seed, args.big_m, origin, 'summer')
+        res['big_city_gen_s'] = time.perf_counter() - t0
+        grid = orthophoto.ortho_grid(big)
+        tasks = orthophoto.ortho_tasks(big, grid, 1024)
+        renderer = GroundRenderer(big, 512, 384)
+        try:
+            mid = tasks[len(tasks) // 2]
+            orthophoto.render_tile(renderer, mid)
+            t0 = time.perf_counter()
+            orthophoto.render_tile(renderer, tasks[len(tasks) // 2 + 1])
+            tile_s = time.perf_counter() - t0
+            # Views of a neighbourhood, as the spatially ordered make renders them; the first
+            # pass builds the chunk meshes (timed apart), the second is the render itself.
+            bv = D.spatial_order(D.sample_views(big, 400))[:10]
+            built0 = renderer.stats['chunks_built']
+            t0 = time.perf_counter()
+            for v in bv:
+                D.render_view(renderer, v, (512, 384))
+            cold_s = time.perf_counter() - t0
+            built = max(1, renderer.stats['chunks_built'] - built0)
+            res['big_chunk_build_ms'] = 1000 * cold_s / built
+            res['big_latency_512x384'] = _latency(renderer, bv, (512, 384), n=10)
+        finally:
+            renderer.close()
+        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+        res['big'] = dict(size_m=args.big_m, counts=big.counts(), ortho_px=[grid.width,
+                                                                            grid.height],
+                          ortho_tiles=len(tasks), ortho_tile_s=tile_s,
+                          extrapolated_ortho_min=len(tasks) * tile_s / workers / 60.0,
+                          rss_growth_mb=after - before)
+        b = res['big']
+        say(f'big city {args.big_m:.0f} m: generated in {res["big_city_gen_s"]:.0f} s, '
+            f'{b["counts"]["buildings"]} buildings, orthophoto {grid.width}x{grid.height} px in '
+            f'{len(tasks)} tiles of {tile_s:.2f} s -> EXTRAPOLATED '
+            f'{b["extrapolated_ortho_min"]:.0f} min with {workers} workers; 512x384 view '
+            f'{res["big_latency_512x384"]["wall_p50_ms"]:.0f} ms wall, '
+            f'{res["big_latency_512x384"]["cpu_p50_ms"]:.0f} ms CPU once its chunks are built '
+            f'(about {res["big_chunk_build_ms"]:.0f} ms per 256 m chunk, built once per '
+            'worker and kept)')
+    res['load_avg_end'] = os.getloadavg()[0]
+    say(f'machine load average (1 min): {res["load_avg_start"]:.1f} at the start, '
+        f'{res["load_avg_end"]:.1f} at the end, on {os.cpu_count()} cores')
+    self_mb, child_mb = _rss_mb()
+    res['peak_rss_main_mb'] = self_mb
+    res['peak_rss_worker_mb'] = child_mb
+    res['peak_total_upper_bound_mb'] = self_mb + workers * child_mb
+    say(f'peak memory: main {self_mb:.0f} MB, largest worker {child_mb:.0f} MB '
+        f'(upper bound of the sum: {res["peak_total_upper_bound_mb"]:.0f} MB)')
+    if args.json:
+        print(json.dumps(res, indent=2))
+    return 0
+
+
+def _make_runs(args, city, origin, workers, res, say):
+    """Time a real make_world and a training-resolution run; add the figures to ``res``."""
+    import json
+    import os
+    import tempfile
+    import time
+
+    from geozoom_ros.world import dataset as D
+    from geozoom_ros.world import make as M
 
     with tempfile.TemporaryDirectory(prefix='geozoom-bench-world-') as tmp:
         out = os.path.join(tmp, 'world')
@@ -137,47 +207,3 @@ def run(args):
         say(f'training views 128x96: {per * 1000:.1f} ms per view with {workers} workers '
             f'({done} measured); EXTRAPOLATED: 100 000 views = '
             f'{res["extrapolated_100000_train_views_min"]:.1f} min')
-
-    if args.big_m > 0:
-        import resource
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-        t0 = time.perf_counter()
-        big = make_city(args.seed, args.big_m, origin, 'summer')
-        res['big_city_gen_s'] = time.perf_counter() - t0
-        grid = orthophoto.ortho_grid(big)
-        tasks = orthophoto.ortho_tasks(big, grid, 1024)
-        renderer = GroundRenderer(big, 512, 384)
-        try:
-            mid = tasks[len(tasks) // 2]
-            orthophoto.render_tile(renderer, mid)
-            t0 = time.perf_counter()
-            orthophoto.render_tile(renderer, tasks[len(tasks) // 2 + 1])
-            tile_s = time.perf_counter() - t0
-            bv = D.sample_views(big, 20)
-            res['big_latency_512x384'] = _latency(renderer, bv, (512, 384), n=10)
-        finally:
-            renderer.close()
-        after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
-        res['big'] = dict(size_m=args.big_m, counts=big.counts(), ortho_px=[grid.width,
-                                                                            grid.height],
-                          ortho_tiles=len(tasks), ortho_tile_s=tile_s,
-                          extrapolated_ortho_min=len(tasks) * tile_s / workers / 60.0,
-                          rss_growth_mb=after - before)
-        b = res['big']
-        say(f'big city {args.big_m:.0f} m: generated in {res["big_city_gen_s"]:.0f} s, '
-            f'{b["counts"]["buildings"]} buildings, orthophoto {grid.width}x{grid.height} px in '
-            f'{len(tasks)} tiles of {tile_s:.2f} s -> EXTRAPOLATED '
-            f'{b["extrapolated_ortho_min"]:.0f} min with {workers} workers; 512x384 view '
-            f'{res["big_latency_512x384"]["wall_p50_ms"]:.0f} ms')
-    res['load_avg_end'] = os.getloadavg()[0]
-    say(f'machine load average (1 min): {res["load_avg_start"]:.1f} at the start, '
-        f'{res["load_avg_end"]:.1f} at the end, on {os.cpu_count()} cores')
-    self_mb, child_mb = _rss_mb()
-    res['peak_rss_main_mb'] = self_mb
-    res['peak_rss_worker_mb'] = child_mb
-    res['peak_total_upper_bound_mb'] = self_mb + workers * child_mb
-    say(f'peak memory: main {self_mb:.0f} MB, largest worker {child_mb:.0f} MB '
-        f'(upper bound of the sum: {res["peak_total_upper_bound_mb"]:.0f} MB)')
-    if args.json:
-        print(json.dumps(res, indent=2))
-    return 0

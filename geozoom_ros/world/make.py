@@ -33,7 +33,10 @@ from geozoom_ros.world.city import make_city
 _W = {}
 
 
-def _worker_init(city, size, supersample):
+def _worker_init(city, size, supersample, threads=None):
+    if threads:
+        # One rasterizer thread per worker: the workers already fill the cores.
+        os.environ.setdefault('LP_NUM_THREADS', str(threads))
     from geozoom_ros.world.render_gl import GroundRenderer
     _W['renderer'] = GroundRenderer(city, size[0], size[1], supersample=supersample)
     _W['city'] = city
@@ -63,7 +66,8 @@ class RenderPool:
         self.pool = None
         if self.workers > 1:
             ctx = mp.get_context('spawn')
-            self.pool = ctx.Pool(self.workers, _worker_init, (city, size, supersample))
+            threads = max(1, (os.cpu_count() or 1) // self.workers)
+            self.pool = ctx.Pool(self.workers, _worker_init, (city, size, supersample, threads))
         else:
             _worker_init(city, size, supersample)
 
@@ -165,7 +169,9 @@ def make_world(out_dir, seed, size_m, origin, style='summer', n_ground=2000,
     out = _check_out_dir(out_dir)
     # Fail here with the packages to install, not in the workers (a pool would respawn them).
     from geozoom_ros.world.render_gl import create_context
-    create_context().release()
+    probe = create_context()
+    gl_renderer = str(probe.info.get('GL_RENDERER', ''))
+    probe.release()
     timings = {}
 
     t = time.time()
@@ -244,7 +250,7 @@ def make_world(out_dir, seed, size_m, origin, style='summer', n_ground=2000,
         splits=dict(names=list(D.SPLITS), cross_blocks_enu=blocks.round(3).tolist(),
                     block_m=knob_values.block_m, margin_m=knob_values.margin_m),
         drive=drive_info, timings={k: round(v, 2) for k, v in timings.items()},
-        workers=n_workers, versions=_versions())
+        workers=n_workers, versions=dict(_versions(), gl_renderer=gl_renderer))
     tmp = out / f'.world.json.{os.getpid()}.tmp'
     tmp.write_text(json.dumps(info, indent=2))
     os.replace(tmp, out / 'world.json')

@@ -166,6 +166,12 @@ def test_rebuild_is_skipped_when_current_and_replaces_atomically(world, tmp_path
     m = json.loads((second / MANIFEST).read_text())
     from geozoom_ros.model.io import model_hash
     assert m['model']['hash'] == model_hash(world['other']) and m['retrieval'] is None
+    # Adding retrieval embeddings later keeps the policy tokens (same map and model).
+    tokens = (second / TOKENS_FILE).read_bytes()
+    build_bundle(world['map'], world['other'], second, progress=False,
+                 retrieval_model=world['retr'])
+    assert (second / TOKENS_FILE).read_bytes() == tokens
+    assert load_bundle(second).retrieval is not None
     assert sorted(p.name for p in tmp_path.iterdir()) == ['b2']
 
 

@@ -101,6 +101,7 @@ def test_save_load_round_trip_is_bit_exact(tmp_path):
         cfg = json.loads((out / 'config.json').read_text())
         assert cfg['kind'] == cls.kind and cfg['model_sha256'] == model_hash(out)
         assert not list(out.glob('.*'))  # no temporary files left behind
+        assert (out / 'model.safetensors').stat().st_mode & 0o044  # readable by others
     # A folder that mixes two models is refused.
     (tmp_path / 'retrieval' / 'model.safetensors').write_bytes(
         (tmp_path / 'zoom_policy' / 'model.safetensors').read_bytes())
