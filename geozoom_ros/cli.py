@@ -18,6 +18,7 @@ _COMMAND_MODULES = (
     'geozoom_ros.world.cli',
     'geozoom_ros.model.cli',
     'geozoom_ros.eval.cli',
+    'geozoom_ros.eval.bagcli',
     'geozoom_ros.ros.cli',
     'geozoom_ros.demo',
     'geozoom_ros.bench',

@@ -517,9 +517,12 @@ def _read_imu(bag, topic, items, warn):
 
 @dataclass
 class Gate:
-    """What the node publishes as a FIX: ``confidence >= min_confidence`` and the 1-sigma
-    radius (metres, of the covariance floored at :data:`MIN_FIX_VARIANCE_M2` per axis)
-    ``<= max_sigma_m``. Defaults and names are those of ``config/localize.yaml``."""
+    """The node's gate: what it publishes as a FIX.
+
+    A fix passes when ``confidence >= min_confidence`` and its 1-sigma radius (metres, of the
+    covariance floored at :data:`MIN_FIX_VARIANCE_M2` per axis) ``<= max_sigma_m``. Defaults
+    and names are those of ``config/localize.yaml``.
+    """
 
     min_confidence: float = None
     max_sigma_m: float = None
@@ -591,6 +594,27 @@ class FrameFix:
     latency_ms: float = float('nan')
     prior: bool = False
     note: str = ''
+
+
+def frame_fix_from_navsatfix(msg, bag, index=-1, latency_ms=float('nan'), confidence=None):
+    """Return the :class:`FrameFix` of a ``sensor_msgs/NavSatFix`` the node published.
+
+    Works with rclpy and rosbags messages alike. The stamp is the header's (the camera
+    frame's); status FIX (>= 0) means the node's gate let it through; the covariance is the
+    east/north block of ``position_covariance`` (m^2). NavSatFix carries no confidence:
+    ``confidence`` None leaves it NaN. Lets :func:`evaluate` score the fixes of a live run.
+    """
+    ns = int(msg.header.stamp.sec) * 1_000_000_000 + int(msg.header.stamp.nanosec)
+    lat, lon = float(msg.latitude), float(msg.longitude)
+    cov = np.asarray(msg.position_covariance, dtype=float).reshape(3, 3)[:2, :2]
+    ok = math.isfinite(lat) and math.isfinite(lon) and np.all(np.isfinite(cov))
+    if not ok:
+        return FrameFix(index, ns, float(bag.seconds(ns)), 'no_cell', latency_ms=latency_ms)
+    cov = Gate.floor_cov(cov)
+    return FrameFix(index, ns, float(bag.seconds(ns)), 'fix', lat, lon, cov,
+                    math.sqrt(0.5 * float(np.trace(cov))),
+                    float('nan') if confidence is None else float(confidence),
+                    int(msg.status.status) >= 0, latency_ms)
 
 
 def start_pose(bag, t_start):

@@ -518,8 +518,11 @@ def fuse(config, odom, start, fixes=None, imu=None, position_sigma_m=None, yaw_s
 # Odometry alone, and errors
 
 def odom_to_map_transform(odom_pose, map_pose):
-    """Return ``(tx, ty, theta)``: the map<-odom transform that puts ``odom_pose`` (x, y, yaw
-    in the odom frame) on ``map_pose`` (x, y, yaw in the map frame)."""
+    """Return the map<-odom transform ``(tx, ty, theta)`` (metres, radians).
+
+    It puts ``odom_pose`` (x, y, yaw in the odom frame) on ``map_pose`` (x, y, yaw in the map
+    frame).
+    """
     ox, oy, oyaw = odom_pose
     mx, my, myaw = map_pose
     theta = float(wrap_angle(myaw - oyaw))

@@ -96,14 +96,15 @@ def map_background(map_path, lat, lon, side_m, size=1024):
 def _geotiff_crop(path, lat, lon, side_m, size):
     import mercantile
     import rasterio
-    from rasterio.transform import from_bounds
+    from rasterio.transform import Affine
     from rasterio.warp import reproject, Resampling
 
     scale = 1.0 / math.cos(math.radians(lat))  # Web-Mercator metres per ground metre
     mx, my = mercantile.xy(lon, lat)
     half = 0.5 * side_m * scale
     dst = np.full((3, size, size), 235, np.uint8)
-    transform = from_bounds(mx - half, my - half, mx + half, my + half, size, size)
+    res = 2.0 * half / size
+    transform = Affine(res, 0.0, mx - half, 0.0, -res, my + half)
     with rasterio.open(path) as src:
         for b in range(min(3, src.count)):
             reproject(rasterio.band(src, b + 1), dst[b], dst_transform=transform,
@@ -117,13 +118,11 @@ def _geotiff_crop(path, lat, lon, side_m, size):
 # Figures
 
 def _plain_log_ticks(axis):
-    from matplotlib.ticker import FixedLocator, NullFormatter, ScalarFormatter
+    from matplotlib.ticker import FixedLocator, FuncFormatter, NullFormatter
 
     axis.set_major_locator(FixedLocator([v * 10.0 ** k for k in range(-1, 6)
                                          for v in (1, 2, 5)]))
-    fmt = ScalarFormatter()
-    fmt.set_scientific(False)
-    axis.set_major_formatter(fmt)
+    axis.set_major_formatter(FuncFormatter(lambda v, _: f'{v:g}'))
     axis.set_minor_formatter(NullFormatter())
 
 
@@ -178,7 +177,7 @@ def plot_error_cdf(ev, path):
     ax.set_ylabel('frames within the error (%)')
     ax.set_title('Error CDF: share of frames localised within a distance', pad=18)
     if curves:
-        ax.legend(loc='upper left', fontsize=9)
+        ax.legend(loc='best', fontsize=9, framealpha=0.9)
     else:
         ax.text(0.5, 0.5, 'no ground truth: no errors to show', transform=ax.transAxes,
                 ha='center', va='center')
@@ -277,7 +276,7 @@ def plot_trajectory_map(ev, path, map_path=None, size=1024):
     if len(base) == 0:
         base = np.zeros((1, 2))
     lo, hi = base.min(axis=0), base.max(axis=0)
-    reach = max(float(np.max(hi - lo)), 100.0)
+    reach = max(0.35 * float(np.max(hi - lo)), 100.0)
     near = fixes[np.all((fixes > lo - reach) & (fixes < hi + reach), axis=1)]
     if len(near):
         lo, hi = np.minimum(lo, near.min(axis=0)), np.maximum(hi, near.max(axis=0))
@@ -304,8 +303,9 @@ def plot_trajectory_map(ev, path, map_path=None, size=1024):
     if ev.truth is not None:
         ax.plot(*ev.truth[1].T, color=_C['truth'], lw=2.5, label='ground truth', zorder=2)
         ax.plot(*ev.truth[1][0], marker='o', ms=10, color=_C['truth'], zorder=6)
-        ax.annotate('start', ev.truth[1][0], xytext=(6, 6), textcoords='offset points',
-                    fontsize=10, weight='bold')
+        ax.annotate('start', ev.truth[1][0], xytext=(8, -16), textcoords='offset points',
+                    fontsize=10, weight='bold', zorder=7,
+                    bbox={'facecolor': 'white', 'alpha': 0.8, 'edgecolor': 'none', 'pad': 1})
     if ev.odom_only is not None:
         ax.plot(*clip(ev.odom_only[1]).T, color=_C['odom'], lw=2.0, label='odometry alone',
                 zorder=3)
@@ -333,6 +333,11 @@ def plot_trajectory_map(ev, path, map_path=None, size=1024):
         ax.scatter(*clip(ev.fix_enu[sel]).T, s=90, facecolors='none',
                    edgecolors=_C['rejected'], lw=1.8, zorder=6,
                    label='rejected by the EKF gate')
+    outside = fin & np.any(np.abs(ev.fix_enu - centre) > half, axis=1)
+    if outside.any():
+        ax.text(0.99, 0.01, f'{int(outside.sum())} fixes outside this frame are drawn at its '
+                'edge', transform=ax.transAxes, ha='right', va='bottom', fontsize=8.5,
+                bbox={'facecolor': 'white', 'alpha': 0.85, 'edgecolor': 'none'}, zorder=7)
     ax.set_xlim(extent[0], extent[1])
     ax.set_ylim(extent[2], extent[3])
     ax.set_aspect('equal')
@@ -421,8 +426,8 @@ def _markdown(metrics, figures):
     if metrics.get('model'):
         lines.append(f'- model: `{metrics["model"]}`; bundle: `{metrics.get("bundle")}`')
     if metrics.get('options'):
-        lines.append('- options: ' + ', '.join(f'{k}={v}' for k, v in
-                                                metrics['options'].items()))
+        opts = metrics['options'].items()
+        lines.append('- options: ' + ', '.join(f'{k}={v}' for k, v in opts))
     g = metrics.get('gate') or {}
     lines.append(f'- node gate: confidence >= {g.get("min_confidence")}, 1-sigma <= '
                  f'{g.get("max_sigma_m")} m')
@@ -446,8 +451,9 @@ def _markdown(metrics, figures):
 
 
 def write_report(ev, out_dir, map_path=None):
-    """Write the figures, ``metrics.json`` and ``report.md`` of a
-    :class:`~geozoom_ros.eval.bag.BagEvaluation` into ``out_dir``; return the report's path.
+    """Write the figures, ``metrics.json`` and ``report.md``; return the report's path.
+
+    ``ev`` is a :class:`~geozoom_ros.eval.bag.BagEvaluation`; ``out_dir`` is created.
 
     ``map_path``: the tile pyramid or orthophoto drawn under the trajectories (default: the
     evaluation's ``map_path``, the pyramid the bundle was built from).
