@@ -36,6 +36,8 @@ import numpy as np
 from geozoom_ros.errors import InputError
 from geozoom_ros.eval import fusion as F
 from geozoom_ros.eval import metrics
+from geozoom_ros.ros.gating import (compass_heading_deg, Gate, PriorMonitor, safe_covariance_en,
+                                    yaw_from_quaternion)
 
 DEFAULT_GT_TOPIC = '/gps/fix_truth'
 DEFAULT_ODOM_TOPIC = '/odom'
@@ -47,9 +49,6 @@ IMAGE_TYPES = ('sensor_msgs/msg/Image', 'sensor_msgs/msg/CompressedImage')
 MAX_GT_GAP_S = 2.0
 #: A frame this close (seconds) before the first or after the last truth sample takes it.
 GT_EDGE_S = 0.05
-#: Variance floor (m^2) of a fix's horizontal axes, as the node publishes it (a cell centre is
-#: never known better than a metre).
-MIN_FIX_VARIANCE_M2 = 1.0
 #: Variance assumed for a twist component whose covariance the odometry leaves at zero.
 DEFAULT_TWIST_VAR = 0.01
 
@@ -141,14 +140,12 @@ def _stamp_ns(msg, bag_ns):
     return int(bag_ns)
 
 
-def yaw_from_quaternion(x, y, z, w):
-    """Return the yaw (radians, counter-clockwise about +z) of a quaternion; NaN if invalid."""
-    q = np.array([x, y, z, w], dtype=float)
-    n = float(np.linalg.norm(q))
-    if not np.all(np.isfinite(q)) or abs(n - 1.0) > 0.1:
+def _yaw_or_nan(q):
+    """Return the ENU yaw (radians) of a quaternion message, NaN where it gives none."""
+    try:
+        return yaw_from_quaternion(q.x, q.y, q.z, q.w)
+    except InputError:
         return float('nan')
-    x, y, z, w = q / n
-    return math.atan2(2.0 * (w * z + x * y), 1.0 - 2.0 * (y * y + z * z))
 
 
 # --------------------------------------------------------------------------------------------
@@ -473,7 +470,7 @@ def _read_odom(bag, topic, items, warn):
     for k, (_, m) in enumerate(items):
         p, q = m.pose.pose.position, m.pose.pose.orientation
         tw = m.twist.twist
-        cols[k] = (p.x, p.y, yaw_from_quaternion(q.x, q.y, q.z, q.w), tw.linear.x, tw.linear.y,
+        cols[k] = (p.x, p.y, _yaw_or_nan(q), tw.linear.x, tw.linear.y,
                    tw.angular.z)
         c = np.asarray(m.twist.covariance, dtype=float).reshape(-1)
         if c.size != 36 or not np.any(c[[0, 7, 35]] > 0):
@@ -503,68 +500,13 @@ def _read_imu(bag, topic, items, warn):
         oc = np.asarray(m.orientation_covariance, dtype=float).reshape(-1)
         if oc.size == 9 and oc[0] != -1.0:  # -1: the IMU gives no orientation
             q = m.orientation
-            yaw[k] = yaw_from_quaternion(q.x, q.y, q.z, q.w)
+            yaw[k] = _yaw_or_nan(q)
             yaw_var[k] = _var(oc[8], 1e-2)
         wc = np.asarray(m.angular_velocity_covariance, dtype=float).reshape(-1)
         if wc.size == 9 and wc[0] != -1.0:
             wz[k] = float(m.angular_velocity.z)
             wz_var[k] = _var(wc[8], 1e-4)
     return F.ImuSeries(t, yaw, yaw_var, wz, wz_var)
-
-
-# --------------------------------------------------------------------------------------------
-# The node's gate
-
-@dataclass
-class Gate:
-    """The node's gate: what it publishes as a FIX.
-
-    A fix passes when ``confidence >= min_confidence`` and its 1-sigma radius (metres, of the
-    covariance floored at :data:`MIN_FIX_VARIANCE_M2` per axis) ``<= max_sigma_m``. Defaults
-    and names are those of ``config/localize.yaml``.
-    """
-
-    min_confidence: float = None
-    max_sigma_m: float = None
-    prior_min_sigma_m: float = None
-    prior_disagree_count: int = None
-    prior_disagree_sigmas: float = None
-
-    def __post_init__(self):
-        from geozoom_ros.ros.params import NodeParams
-
-        defaults = NodeParams()
-        for name in ('min_confidence', 'max_sigma_m', 'prior_min_sigma_m',
-                     'prior_disagree_count', 'prior_disagree_sigmas'):
-            if getattr(self, name) is None:
-                setattr(self, name, getattr(defaults, name))
-
-    @classmethod
-    def from_params_file(cls, path):
-        """Return the gate of a node parameters file (e.g. ``config/localize.yaml``)."""
-        from geozoom_ros.ros.params import load_yaml
-
-        p = load_yaml(path, require_paths=False)
-        return cls(p.min_confidence, p.max_sigma_m, p.prior_min_sigma_m,
-                   p.prior_disagree_count, p.prior_disagree_sigmas)
-
-    @staticmethod
-    def floor_cov(cov):
-        """Return the symmetric 2x2 covariance (m^2) with eigenvalues floored as published."""
-        cov = np.asarray(cov, dtype=float).reshape(2, 2)
-        cov = 0.5 * (cov + cov.T)
-        vals, vecs = np.linalg.eigh(cov)
-        return (vecs * np.maximum(vals, MIN_FIX_VARIANCE_M2)) @ vecs.T
-
-    def passes(self, confidence, cov):
-        """Return ``(gated_in, sigma_m, floored covariance)`` of one fix."""
-        cov = self.floor_cov(cov)
-        sigma = math.sqrt(0.5 * float(np.trace(cov)))
-        return bool(confidence >= self.min_confidence and sigma <= self.max_sigma_m), sigma, cov
-
-    def to_json(self):
-        """Return the thresholds as a dict."""
-        return {'min_confidence': self.min_confidence, 'max_sigma_m': self.max_sigma_m}
 
 
 # --------------------------------------------------------------------------------------------
@@ -610,7 +552,7 @@ def frame_fix_from_navsatfix(msg, bag, index=-1, latency_ms=float('nan'), confid
     ok = math.isfinite(lat) and math.isfinite(lon) and np.all(np.isfinite(cov))
     if not ok:
         return FrameFix(index, ns, float(bag.seconds(ns)), 'no_cell', latency_ms=latency_ms)
-    cov = Gate.floor_cov(cov)
+    cov = safe_covariance_en(cov)
     return FrameFix(index, ns, float(bag.seconds(ns)), 'fix', lat, lon, cov,
                     math.sqrt(0.5 * float(np.trace(cov))),
                     float('nan') if confidence is None else float(confidence),
@@ -660,22 +602,6 @@ def start_pose(bag, t_start):
     return pose, tf, how
 
 
-class _PriorMonitor:
-    # Mirrors geozoom_ros.ros.node.PriorMonitor (that module needs rclpy at import).
-    def __init__(self, count):
-        self.count, self.streak, self.whole_map, self.fallbacks = int(count), 0, False, 0
-
-    def observe(self, agrees):
-        if self.whole_map:
-            if agrees:
-                self.whole_map, self.streak = False, 0
-            return
-        self.streak = 0 if agrees else self.streak + 1
-        if self.streak >= self.count:
-            self.whole_map, self.streak = True, 0
-            self.fallbacks += 1
-
-
 def _heading_at(bag, t):
     imu = bag.imu
     if imu is None or not np.isfinite(imu.yaw).any():
@@ -684,7 +610,7 @@ def _heading_at(bag, t):
     i = int(np.argmin(np.abs(imu.t[ok] - t)))
     if abs(imu.t[ok][i] - t) > 0.5:
         return None
-    return (90.0 - math.degrees(imu.yaw[ok][i])) % 360.0
+    return compass_heading_deg(imu.yaw[ok][i])
 
 
 def localize_frames(bag, localizer, every=1, gate=None, prior='none', fusion_config=None,
@@ -717,7 +643,7 @@ def localize_frames(bag, localizer, every=1, gate=None, prior='none', fusion_con
                              'truth')
         online = F.OnlineFusion(fusion_config, bag.odom, start, bag.imu,
                                 position_sigma_m=fusion_config.init_position_sigma_m)
-        monitor = _PriorMonitor(gate.prior_disagree_count)
+        monitor = PriorMonitor(gate.prior_disagree_count)
     needs_heading = bool(getattr(localizer, 'heading_input', False))
     total = (bag.n_images + every - 1) // every
     if limit:
@@ -764,10 +690,7 @@ def localize_frames(bag, localizer, every=1, gate=None, prior='none', fusion_con
         out.append(rec)
         if online is not None:
             if search_prior is not None:
-                e, n = _offset(search_prior.lat, search_prior.lon, rec.lat, rec.lon)
-                d = np.array([e, n])
-                md = math.sqrt(max(0.0, d @ np.linalg.solve(search_prior.cov_en, d)))
-                monitor.observe(gated_in and md <= gate.prior_disagree_sigmas)
+                monitor.observe(gated_in and gate.agrees_with(search_prior, rec.lat, rec.lon))
             elif gated_in:
                 monitor.observe(True)
             if gated_in:
@@ -775,12 +698,6 @@ def localize_frames(bag, localizer, every=1, gate=None, prior='none', fusion_con
                 online.add_fix(fr.t, (float(e), float(n)), cov)
     bar.close()
     return out
-
-
-def _offset(lat0, lon0, lat, lon):
-    east = math.radians(lon - lon0) * 6371008.8 * math.cos(math.radians(lat0))
-    north = math.radians(lat - lat0) * 6371008.8
-    return east, north
 
 
 # --------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ import pytest
 
 from geozoom_ros.errors import ConfigError, InputError
 from geozoom_ros.geo import geodesic_distance_m, LocalFrame
+from geozoom_ros.ros import gating as G
 from geozoom_ros.ros import node as N
 from geozoom_ros.ros.conversions import compressed_msg_to_rgb, image_msg_to_rgb
 from geozoom_ros.ros.params import NodeParams
@@ -159,13 +160,13 @@ def _check_fixes(fixes, frames, loc, params, stamps=None):
     from sensor_msgs.msg import NavSatFix, NavSatStatus
 
     for msg in fixes:
-        ts = N.stamp_ns(msg.header.stamp)
+        ts = G.stamp_ns(msg.header.stamp)
         assert ts in frames, f'fix stamp {ts} is no frame of the bag'
         want = loc.localize(frames[ts])
         assert msg.header.frame_id == params.fix_frame_id
         assert abs(msg.latitude - want.lat) < 1e-6 and abs(msg.longitude - want.lon) < 1e-6
         cov = np.array(msg.position_covariance).reshape(3, 3)
-        np.testing.assert_allclose(cov[:2, :2], N.safe_covariance_en(want.cov_en), rtol=1e-6)
+        np.testing.assert_allclose(cov[:2, :2], G.safe_covariance_en(want.cov_en), rtol=1e-6)
         assert np.all(np.isfinite(cov)) and np.all(np.diag(cov) > 0)
         assert np.all(np.linalg.eigvalsh(cov) > 0)
         assert msg.position_covariance_type == NavSatFix.COVARIANCE_TYPE_APPROXIMATED
@@ -176,7 +177,7 @@ def _check_fixes(fixes, frames, loc, params, stamps=None):
                                      NavSatStatus.STATUS_NO_FIX)
         assert msg.status.service == params.fix_service
     if stamps is not None:
-        assert sorted(N.stamp_ns(m.header.stamp) for m in fixes) == sorted(stamps)
+        assert sorted(G.stamp_ns(m.header.stamp) for m in fixes) == sorted(stamps)
 
 
 # --------------------------------------------------------------------------------------------
@@ -187,18 +188,18 @@ def test_heading_from_an_enu_quaternion():
     for yaw_deg, compass in ((0.0, 90.0), (90.0, 0.0), (180.0, 270.0), (-90.0, 180.0),
                              (30.0, 60.0)):
         q = D.quaternion_from_rpy(0.0, 0.0, math.radians(yaw_deg))
-        yaw = N.yaw_from_quaternion(*q)
-        assert math.isclose(N.compass_heading_deg(yaw), compass, abs_tol=1e-9) or \
-            math.isclose(N.compass_heading_deg(yaw), compass + 360.0, abs_tol=1e-9)
-    assert N.compass_heading_deg(0.0, offset_deg=-100.0) == pytest.approx(350.0)
+        yaw = G.yaw_from_quaternion(*q)
+        assert math.isclose(G.compass_heading_deg(yaw), compass, abs_tol=1e-9) or \
+            math.isclose(G.compass_heading_deg(yaw), compass + 360.0, abs_tol=1e-9)
+    assert G.compass_heading_deg(0.0, offset_deg=-100.0) == pytest.approx(350.0)
     with pytest.raises(InputError, match='norm'):
-        N.yaw_from_quaternion(0, 0, 0, 0)
+        G.yaw_from_quaternion(0, 0, 0, 0)
     with pytest.raises(InputError, match='finite'):
-        N.yaw_from_quaternion(0, 0, float('nan'), 1)
+        G.yaw_from_quaternion(0, 0, float('nan'), 1)
 
 
 def test_latest_frame_keeps_the_newest_and_counts_drops():
-    slot = N.LatestFrame()
+    slot = G.LatestFrame()
     assert slot.take(0.0) is None
     assert not slot.put(1)
     assert slot.put(2) and slot.put(3)
@@ -212,13 +213,13 @@ def test_latest_frame_keeps_the_newest_and_counts_drops():
 
 def test_throttle_and_prior_monitor():
     now = [0.0]
-    th = N.Throttle(5.0, clock=lambda: now[0])
+    th = G.Throttle(5.0, clock=lambda: now[0])
     assert th.ready('image') == (True, 0)
     assert th.ready('image') == (False, 0) and th.ready('image') == (False, 0)
     assert th.ready('prior') == (True, 0)
     now[0] = 5.5
     assert th.ready('image') == (True, 2)
-    m = N.PriorMonitor(3)
+    m = G.PriorMonitor(3)
     assert not m.observe(False) and not m.observe(False)
     assert not m.observe(True)  # an agreeing fix resets the streak
     assert [m.observe(False) for _ in range(3)] == [False, False, True]
@@ -227,13 +228,13 @@ def test_throttle_and_prior_monitor():
 
 
 def test_covariance_is_floored_symmetric_and_finite():
-    c = N.safe_covariance_en([[0.0, 0.0], [1e-9, -5.0]])
-    assert np.allclose(c, c.T) and np.all(np.linalg.eigvalsh(c) >= N.MIN_VARIANCE_M2 - 1e-9)
+    c = G.safe_covariance_en([[0.0, 0.0], [1e-9, -5.0]])
+    assert np.allclose(c, c.T) and np.all(np.linalg.eigvalsh(c) >= G.MIN_VARIANCE_M2 - 1e-9)
     big = np.array([[400.0, 30.0], [30.0, 100.0]])
-    np.testing.assert_allclose(N.safe_covariance_en(big), big)
+    np.testing.assert_allclose(G.safe_covariance_en(big), big)
     with pytest.raises(InputError):
-        N.safe_covariance_en([[np.nan, 0], [0, 1]])
-    r = N.rotate_cov(np.diag([100.0, 1.0]), math.pi / 2)
+        G.safe_covariance_en([[np.nan, 0], [0, 1]])
+    r = G.rotate_cov(np.diag([100.0, 1.0]), math.pi / 2)
     np.testing.assert_allclose(r, np.diag([1.0, 100.0]), atol=1e-9)
 
 
@@ -248,27 +249,27 @@ def test_priors_from_odometry_and_navsatfix():
     cov[0, 0], cov[1, 1] = 400.0, 25.0
     odom.pose.covariance = cov.ravel().tolist()
     # The map x axis points north (datum yaw +90 deg): x = 100 m is 100 m north of the datum.
-    prior = N.prior_from_odometry(odom, frame, math.pi / 2, 1.0)
+    prior = G.prior_from_odometry(odom, frame, math.pi / 2, 1.0)
     e, n, _ = frame.to_enu(prior.lat, prior.lon)
     assert abs(e) < 1e-6 and n == pytest.approx(100.0, abs=1e-6)
     np.testing.assert_allclose(prior.cov_en, np.diag([25.0, 400.0]), atol=1e-9)
-    floored = N.prior_from_odometry(odom, frame, 0.0, 30.0)
+    floored = G.prior_from_odometry(odom, frame, 0.0, 30.0)
     np.testing.assert_allclose(floored.cov_en, np.diag([900.0, 900.0]), atol=1e-6)
     odom.pose.pose.position.y = float('nan')
     with pytest.raises(InputError, match='not finite'):
-        N.prior_from_odometry(odom, frame, 0.0, 1.0)
+        G.prior_from_odometry(odom, frame, 0.0, 1.0)
 
     fix = NavSatFix(latitude=47.37, longitude=8.54)
     fix.status.status = 0
     fix.position_covariance_type = NavSatFix.COVARIANCE_TYPE_UNKNOWN
-    p = N.prior_from_navsatfix(fix, 15.0)
+    p = G.prior_from_navsatfix(fix, 15.0)
     np.testing.assert_allclose(p.cov_en, np.eye(2) * 225.0)
     fix.status.status = -1
     with pytest.raises(InputError, match='NO_FIX'):
-        N.prior_from_navsatfix(fix, 15.0)
+        G.prior_from_navsatfix(fix, 15.0)
     prior = Prior.from_sigma(47.37, 8.54, 10.0)
     lat, lon, _ = frame.to_latlon(30.0, 40.0)
-    assert N.mahalanobis(prior, lat, lon) == pytest.approx(5.0, rel=1e-3)
+    assert G.mahalanobis(prior, lat, lon) == pytest.approx(5.0, rel=1e-3)
 
 
 def test_converter_choice():
@@ -356,20 +357,20 @@ def test_in_process_fixes_match_the_offline_localizer(world, localizer, drive, r
         # Poses for gated-in fixes only, same stamps, in the map frame: ENU about the datum
         # turned by datum_yaw.
         from sensor_msgs.msg import NavSatStatus
-        good = {N.stamp_ns(m.header.stamp): m for m in fixes
+        good = {G.stamp_ns(m.header.stamp): m for m in fixes
                 if m.status.status == NavSatStatus.STATUS_FIX}
         assert wait_until(lambda: len(rec.get(POSE)) >= len(good), 5.0)
         poses = rec.get(POSE)
         assert len(poses) == len(good)
         for pose in poses:
-            fix = good[N.stamp_ns(pose.header.stamp)]
+            fix = good[G.stamp_ns(pose.header.stamp)]
             assert pose.header.frame_id == 'map'
             e, n, _ = LocalFrame(s, w).to_enu(fix.latitude, fix.longitude)
             c, si = math.cos(0.3), math.sin(0.3)
             assert pose.pose.pose.position.x == pytest.approx(c * e + si * n, abs=1e-6)
             assert pose.pose.pose.position.y == pytest.approx(-si * e + c * n, abs=1e-6)
             cov = np.array(pose.pose.covariance).reshape(6, 6)
-            want = N.rotate_cov(np.array(fix.position_covariance).reshape(3, 3)[:2, :2], -0.3)
+            want = G.rotate_cov(np.array(fix.position_covariance).reshape(3, 3)[:2, :2], -0.3)
             np.testing.assert_allclose(cov[:2, :2], want, rtol=1e-9)
             assert np.all(np.diag(cov) > 0)
         assert wait_until(lambda: len(rec.get(HYP)) == len(fixes), 5.0)
@@ -418,15 +419,15 @@ def test_newest_frame_wins_and_the_rate_is_capped(world, localizer, rclpy_contex
         assert s['frames_processed'] + s['frames_dropped'] == 40
         assert len(fixes) == s['frames_processed'] and node._slot.pending() == 0
         # The last frame always wins.
-        assert max(N.stamp_ns(m.header.stamp) for m in fixes) == 1_000_000_000 + 39
+        assert max(G.stamp_ns(m.header.stamp) for m in fixes) == 1_000_000_000 + 39
         _check_fixes(fixes, {1_000_000_000 + i: f for i, f in enumerate(frames)}, localizer,
                      params)
         # UTM poses in the datum's zone (every fix passes the gate here).
         from geozoom_ros.geo import latlon_to_utm
         assert wait_until(lambda: len(rec.get(POSE)) == len(fixes), 5.0)
-        by_stamp = {N.stamp_ns(m.header.stamp): m for m in fixes}
+        by_stamp = {G.stamp_ns(m.header.stamp): m for m in fixes}
         for pose in rec.get(POSE):
-            fix = by_stamp[N.stamp_ns(pose.header.stamp)]
+            fix = by_stamp[G.stamp_ns(pose.header.stamp)]
             east, north, epsg = latlon_to_utm(fix.latitude, fix.longitude)
             assert epsg == 32632 and pose.header.frame_id == 'utm'
             assert pose.pose.pose.position.x == pytest.approx(east, abs=1e-6)
