@@ -454,7 +454,7 @@ def _fill_block(rng, block, knobs):
             c = q.mean(0)
             r = 0.3 * min(ls, lt)
             ang = np.sort(rng.uniform(0, 2 * np.pi, 18))
-            rad = r * rng.uniform(0.75, 1.25, 18) * np.array([1.4, 1.0])[None, :].mean()
+            rad = r * rng.uniform(0.75, 1.25, 18)
             lake = c + np.stack([np.cos(ang) * rad * 1.3, np.sin(ang) * rad], 1)
             ang_q = math.atan2(*(q[1] - q[0])[::-1])
             rot = np.array([[math.cos(ang_q), -math.sin(ang_q)],

@@ -33,10 +33,7 @@ from geozoom_ros.world.city import make_city
 _W = {}
 
 
-def _worker_init(city, size, supersample, threads=None):
-    if threads:
-        # One rasterizer thread per worker: the workers already fill the cores.
-        os.environ.setdefault('LP_NUM_THREADS', str(threads))
+def _worker_init(city, size, supersample):
     from geozoom_ros.world.render_gl import GroundRenderer
     _W['renderer'] = GroundRenderer(city, size[0], size[1], supersample=supersample)
     _W['city'] = city
@@ -66,8 +63,7 @@ class RenderPool:
         self.pool = None
         if self.workers > 1:
             ctx = mp.get_context('spawn')
-            threads = max(1, (os.cpu_count() or 1) // self.workers)
-            self.pool = ctx.Pool(self.workers, _worker_init, (city, size, supersample, threads))
+            self.pool = ctx.Pool(self.workers, _worker_init, (city, size, supersample))
         else:
             _worker_init(city, size, supersample)
 
@@ -227,6 +223,11 @@ def make_world(out_dir, seed, size_m, origin, style='summer', n_ground=2000,
                       quality=90, workers=n_workers, progress=progress)
         timings['mbtiles_s'] = time.time() - t
 
+    # Artefacts of an earlier make in this folder would not match the new world.
+    for name, made in (('map.mbtiles', mbtiles), ('drive.mcap', drive)):
+        stale = out / name
+        if not made and stale.exists():
+            shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
     drive_info = None
     if drive:
         t = time.time()

@@ -57,8 +57,11 @@ def _pick(rows, n, split):
     return picked
 
 
-def make_preview(world_dir, out_path, n=8, split=None, overview_px=900, row_px=220):
-    """Write the contact sheet PNG of a world folder; return its path."""
+def make_preview(world_dir, out_path, n=8, split=None, overview_px=None, row_px=220):
+    """Write the contact sheet PNG of a world folder; return its path.
+
+    ``overview_px``: side of the orthophoto overview in pixels (default: as tall as the rows).
+    """
     import rasterio
     from PIL import Image, ImageDraw
 
@@ -68,6 +71,8 @@ def make_preview(world_dir, out_path, n=8, split=None, overview_px=900, row_px=2
     if not rows:
         raise InputError(f'{index} lists no ground views; make the world with --n-ground > 0')
     views = _pick(rows, int(n), split)
+    if overview_px is None:
+        overview_px = max(600, len(views) * (row_px + 8))
     with rasterio.open(ortho) as src:
         epsg = src.crs.to_epsg()
         scale = max(src.width, src.height) / overview_px

@@ -30,8 +30,9 @@ uniform mat4 light_mvp;
 in vec3 in_pos; in vec3 in_nrm; in float in_mat; in float in_col; in vec2 in_uv;
 in float in_tint; in float in_obj;
 uniform sampler2D palette;
-out vec3 v_pos; out vec3 v_nrm; out vec2 v_uv; out vec3 v_light;
+out vec3 v_pos; out vec3 v_nrm; out vec2 v_uv; out vec3 v_light; out vec2 v_ncoord;
 flat out int v_mat; flat out vec3 v_base; flat out float v_tint; flat out float v_obj;
+flat out float v_namp;
 void main() {
     gl_Position = mvp * vec4(in_pos, 1.0);
     v_pos = in_pos; v_nrm = in_nrm; v_uv = in_uv;
@@ -39,6 +40,22 @@ void main() {
     v_light = lc.xyz / lc.w * 0.5 + 0.5;
     v_mat = int(in_mat + 0.5); v_tint = in_tint; v_obj = in_obj;
     v_base = texelFetch(palette, ivec2(int(in_col + 0.5), 0), 0).rgb;
+    // Each material's noise: its coordinates (linear in the position, so interpolation is
+    // exact) and amplitude, set per vertex so that a fragment makes one texture fetch.
+    int m = v_mat;
+    vec2 nc = in_pos.xy * 0.5;
+    float amp = 0.0;
+    if (m == 8) { nc = in_pos.xy * 0.6; amp = 0.4; }
+    else if (m == 1) { nc = in_pos.xy * 1.7; amp = 0.26; }
+    else if (m == 10) { nc = in_pos.xy * 0.3; amp = 0.12; }
+    else if (m == 2) { nc = in_pos.xy * 3.0; amp = 0.15; }
+    else if (m == 7) { nc = in_pos.xy * vec2(0.6, 2.0); amp = 0.15; }
+    else if (m == 3) { nc = in_pos.xy * 0.5; amp = 0.14; }
+    else if (m == 4) { nc = in_uv * vec2(2.1, 0.9); amp = 0.06; }
+    else if (m == 5) { nc = in_pos.xy * 1.2 + in_pos.z * 0.7; amp = 0.6; }
+    else if (m == 9) { nc = in_pos.xy * 0.5 + in_pos.z; amp = 0.08; }
+    v_ncoord = nc * (1.0 / 256.0);
+    v_namp = amp;
 }
 '''
 
@@ -58,8 +75,9 @@ uniform float sun_strength;
 uniform float ambient;
 uniform float visibility;
 uniform float exposure;
-in vec3 v_pos; in vec3 v_nrm; in vec2 v_uv; in vec3 v_light;
+in vec3 v_pos; in vec3 v_nrm; in vec2 v_uv; in vec3 v_light; in vec2 v_ncoord;
 flat in int v_mat; flat in vec3 v_base; flat in float v_tint; flat in float v_obj;
+flat in float v_namp;
 out vec4 frag;
 
 float hash(vec2 p) {
@@ -68,11 +86,6 @@ float hash(vec2 p) {
     p3 += dot(p3, p3.yzx + 33.33);
     return fract((p3.x + p3.y) * p3.z);
 }
-float vnoise(vec2 p) {
-    // A tiling value-noise texture: one bilinear fetch instead of four hashes.
-    return texture(noise_tex, p * (1.0 / 256.0)).r;
-}
-
 void main() {
     if (label_mode == 1) {
         int id = int(v_obj + 0.5);
@@ -85,43 +98,32 @@ void main() {
     vec2 p = v_pos.xy;
     float ao = 1.0;
     float wrap = 0.0;
-    if (v_mat == 8) {            // grass, lawns
-        base *= 0.78 + 0.4 * vnoise(p * 0.6);
-    } else if (v_mat == 1) {     // asphalt
-        base *= 0.84 + 0.26 * vnoise(p * 1.7);
-    } else if (v_mat == 10) {    // paving
+    base *= 1.0 - 0.5 * v_namp + v_namp * texture(noise_tex, v_ncoord).r;
+    if (v_mat == 10) {           // paving joints
         vec2 g = fract(p * 0.8);
-        float joint = step(min(g.x, g.y), 0.05);
-        base *= (0.92 + 0.12 * vnoise(p * 0.3)) * (1.0 - 0.07 * joint);
-    } else if (v_mat == 2) {     // paint
-        base *= 0.85 + 0.15 * vnoise(p * 3.0);
-    } else if (v_mat == 7) {     // water
-        base *= 0.9 + 0.15 * vnoise(p * vec2(0.6, 2.0));
+        base *= 1.0 - 0.07 * step(min(g.x, g.y), 0.05);
+    } else if (v_mat == 7) {     // water mirrors the haze
         if (ground_view == 1) base = mix(base, haze_rgb, 0.35);
     } else if (v_mat == 3) {     // roofs
-        float b = 0.93 + 0.14 * fract(v_tint * 7.31);
-        base *= b * (0.9 + 0.14 * vnoise(p * 0.5));
+        base *= 0.93 + 0.14 * fract(v_tint * 7.31);
         if (abs(n.z) > 0.99 && hash(floor(p / 3.0) + floor(v_tint * 97.0)) > 0.95)
             base *= 0.72;        // roof fixtures
     } else if (v_mat == 4) {     // facades with windows
-        float b = 0.92 + 0.16 * fract(v_tint * 7.31);
-        base *= b * (0.95 + 0.06 * vnoise(v_uv * vec2(2.1, 0.9)));
+        base *= 0.92 + 0.16 * fract(v_tint * 7.31);
         float bay = 2.4 + 1.8 * fract(v_tint * 3.17);
         float fh = 3.1 + 0.3 * fract(v_tint * 5.3);
         vec2 c = v_uv / vec2(bay, fh);
         vec2 f = fract(c);
+        float h = hash(floor(c));
         float wx = 0.18 + 0.12 * fract(v_tint * 11.7);
         float win = step(wx, f.x) * step(f.x, 1.0 - wx) * step(0.3, f.y) * step(f.y, 0.82);
         if (c.y < 1.0) win = step(0.08, f.x) * step(f.x, 0.92) * step(0.05, f.y)
-                             * step(f.y, 0.72) * step(0.5, hash(floor(c) + 3.0));
-        vec3 glass = mix(vec3(0.12, 0.15, 0.19), sky_rgb * 0.6, 0.3 + 0.3 * hash(floor(c)));
+                             * step(f.y, 0.72) * step(0.5, fract(h * 7.0));
+        vec3 glass = mix(vec3(0.12, 0.15, 0.19), sky_rgb * 0.6, 0.3 + 0.3 * h);
         base = mix(base, glass, win);
         ao = 0.72 + 0.28 * smoothstep(0.0, 5.0, v_uv.y);
-    } else if (v_mat == 5) {     // foliage
-        base *= 0.65 + 0.6 * vnoise(p * 1.2 + v_pos.z * 0.7);
+    } else if (v_mat == 5) {     // foliage: light wraps round the crown
         wrap = 0.35;
-    } else if (v_mat == 9) {     // landmarks
-        base *= 0.95 + 0.08 * vnoise(p * 0.5 + v_pos.z);
     }
     float ndl = max((dot(n, sun_dir) + wrap) / (1.0 + wrap), 0.0);
     float lit = 1.0;

@@ -10,7 +10,7 @@ Colours are sRGB in 0..1. Angles are degrees: sun azimuth clockwise from north, 
 the horizon.
 """
 
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, fields, replace
 import math
 
 import numpy as np
@@ -259,7 +259,6 @@ class Lighting:
     shadows: bool = True
     exposure: float = 1.0
     season: str = None
-    extra: dict = field(default_factory=dict, compare=False)
 
     def sun_vector(self):
         """Return the unit vector towards the sun in ENU (x east, y north, z up)."""
@@ -270,15 +269,13 @@ class Lighting:
 
     def to_dict(self):
         """Return the lighting as a JSON-friendly dict."""
-        d = asdict(self)
-        d.pop('extra')
-        return d
+        return asdict(self)
 
 
 def auto_exposure(light):
     """Return the exposure that a camera's metering gives: flat ground as bright as at noon."""
     flat = light.ambient + light.sun_strength * math.sin(math.radians(light.sun_elevation_deg))
-    return float(np.clip(_REFERENCE_IRRADIANCE / max(flat, 1e-3), 0.7, 1.8))
+    return float(np.clip(_REFERENCE_IRRADIANCE / max(flat, 1e-3), 0.7, 1.45))
 
 
 _REFERENCE_IRRADIANCE = 0.45 + 0.8 * math.sin(math.radians(58.0))
@@ -339,7 +336,7 @@ def camera_effects(image, rng, strength=1.0):
     import cv2
     img = image.astype(np.float32) / 255.0
     h, w = img.shape[:2]
-    gain = float(np.exp(rng.normal(0.0, 0.18 * strength)))
+    gain = float(np.exp(rng.normal(0.0, 0.14 * strength)))
     wb = 1.0 + rng.normal(0.0, 0.035 * strength, size=3)
     gamma = float(np.exp(rng.normal(0.0, 0.08 * strength)))
     img = np.clip(img * gain * wb.astype(np.float32), 0.0, 1.0) ** gamma
