@@ -25,6 +25,8 @@ def register(sub):
     p.add_argument('--knob', action='append', default=[], metavar='NAME=VALUE',
                    help='override a difficulty knob, e.g. palette_size=6 (repeatable)')
     p.add_argument('--no-drive', action='store_true', help='do not write the drive bag')
+    p.add_argument('--drive-size', default='320x240', metavar='WxH',
+                   help='camera image size of the drive bag in pixels (320x240)')
     p.add_argument('--no-mbtiles', action='store_true', help='do not build map.mbtiles')
     p.add_argument('--workers', type=int, default=None,
                    help='render processes (default: all cores)')
@@ -40,11 +42,11 @@ def register(sub):
     p.set_defaults(func=_preview)
 
 
-def _parse_size(text):
+def _parse_size(text, flag='--ground-size'):
     try:
         w, h = (int(v) for v in text.lower().split('x'))
     except ValueError:
-        raise InputError(f'--ground-size {text!r} is not WxH in pixels (e.g. 512x384)')
+        raise InputError(f'{flag} {text!r} is not WxH in pixels (e.g. 512x384)')
     return w, h
 
 
@@ -71,7 +73,8 @@ def _make(args):
     make_world(args.output, args.seed, args.size_m, origin, args.style, n_ground=args.n_ground,
                ground_size=size, knobs=_parse_knobs(args.knob), workers=args.workers,
                progress=not args.quiet, drive=not args.no_drive, preset=args.preset,
-               difficulty=args.difficulty, mbtiles=not args.no_mbtiles)
+               difficulty=args.difficulty, mbtiles=not args.no_mbtiles,
+               drive_size=_parse_size(args.drive_size, '--drive-size'))
     return 0
 
 

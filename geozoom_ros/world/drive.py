@@ -399,7 +399,8 @@ def plan_route(roads, length_m, rng, *, spacing_m=1.0, lane_offset_m=None, smoot
 
     pieces, uturns = [], set()
     total = 0.0
-    margin = 2.0 * smooth_m + 10.0
+    # Rounding the corners shortens the route: keep 10 % in hand besides the trimmed ends.
+    margin = 2.0 * smooth_m + 10.0 + 0.1 * length_m
     while total < length_m + margin:
         e = graph.edges[edge]
         geom = e.geometry if forward else e.geometry[::-1]

@@ -135,14 +135,15 @@ def _versions():
 def make_world(out_dir, seed, size_m, origin, style='summer', n_ground=2000,
                ground_size=None, knobs=None, workers=None, progress=True, drive=True,
                preset='street', difficulty='default', tile_px=1024, mbtiles=True,
-               fractions=None):
+               fractions=None, drive_size=(320, 240)):
     """Generate a world into ``out_dir`` and return its path (see the module docstring).
 
     ``seed`` (int), ``size_m`` (city side, metres), ``origin`` (lat, lon degrees, the centre),
     ``style`` (summer/autumn/winter), ``n_ground`` ground views of ``ground_size`` (width,
     height) pixels (default 512x384; 1024x256 for the pano preset), ``preset`` street, drone
     or pano, ``difficulty`` easy/default/hard with ``knobs`` overrides (dict), ``workers``
-    render processes (default: all cores).
+    render processes (default: all cores), ``drive_size`` (width, height) pixels of the drive
+    bag's camera (smaller than the dataset's views: the bag holds raw and JPEG images).
     """
     t_start = time.time()
     if isinstance(origin, str):
@@ -231,7 +232,7 @@ def make_world(out_dir, seed, size_m, origin, style='summer', n_ground=2000,
     drive_info = None
     if drive:
         t = time.time()
-        drive_info = _make_drive(city, out, ground_size, seed, progress)
+        drive_info = _make_drive(city, out, drive_size, seed, progress)
         timings['drive_s'] = time.time() - t
     timings['total_s'] = time.time() - t_start
 
