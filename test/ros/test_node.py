@@ -749,5 +749,12 @@ def test_no_stray_processes_are_left(processes):
         except OSError:
             continue
         if int(fields[1]) == me and fields[0] != 'Z':
-            children.append(pid)
+            try:
+                with open(f'/proc/{pid}/cmdline', 'rb') as f:
+                    cmdline = f.read().replace(b'\0', b' ').decode(errors='replace')
+            except OSError:
+                continue
+            # multiprocessing's resource tracker lives as long as the test process by design.
+            if 'multiprocessing.resource_tracker' not in cmdline:
+                children.append(cmdline)
     assert children == []
