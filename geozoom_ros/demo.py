@@ -1,12 +1,14 @@
 """`geozoom demo`: the embedded default, end to end, on a fresh machine.
 
 Steps (each writes an artefact and is skipped when the artefact is already there):
-1. make the demo world (a small generated city: orthophoto, MBTiles pyramid, ground views,
-   drive bag) with `geozoom world make`'s code path;
-2. verify the pyramid and render the zoom path of a few ground views: the overhead view of
-   every cell the policy visits, from the root down to the terminal cell, beside the ground
-   image; and the world's preview sheet;
-3. print where everything is.
+1. make the demo world (a generated city: orthophoto, MBTiles pyramid, ground views, a 2 km
+   drive bag) through `geozoom world make`'s code path;
+2. index the map with the shipped model (`geozoom index`): every cell view encoded once;
+3. draw the world's preview sheet and, for a few test views, the true zoom path;
+4. play the drive bag through the real geozoom_node over rclpy (`geozoom replay` feeding the
+   node in its own process) and record the fixes it publishes;
+5. score those fixes against the bag's ground truth, replay the EKF fusion of odometry, IMU
+   and fixes, write the report, and print the metrics table and the report's path.
 """
 
 from pathlib import Path
@@ -14,6 +16,11 @@ import time
 
 DEMO_WORLD = dict(seed=7, size_m=1200.0, origin=(47.3769, 8.5417), style='summer')
 DEMO_N_GROUND = 400
+#: The shipped model, trained on the demo world (see config/train/ and README).
+SHIPPED_MODEL = Path(__file__).resolve().parent / 'assets' / 'model'
+#: Replay speed of the drive: the node keeps the newest frame, so a faster replay only means
+#: fewer frames localised.
+DEMO_RATE = 2.0
 # A 1.2 km world fits in one zoom-15 cell (about 820 m at 47 N, or a 2x2 block of them);
 # three 4x4 steps end at zoom 21 (about 13 m). The policy's own root zoom comes with the model.
 DEMO_ROOT_ZOOM = 15
@@ -27,6 +34,10 @@ def register(sub):
                    help='output folder (default: out/demo)')
     p.add_argument('--force', action='store_true', help='rebuild artefacts that exist')
     p.add_argument('--samples', type=int, default=4, help='ground views to show zoom paths for')
+    p.add_argument('--model', type=Path, default=SHIPPED_MODEL,
+                   help='model folder (default: the shipped model)')
+    p.add_argument('--rate', type=float, default=DEMO_RATE,
+                   help=f'replay speed of the drive (default {DEMO_RATE:g}x)')
     p.set_defaults(func=run)
 
 
@@ -36,21 +47,71 @@ def _step(msg):
 
 def run(args):
     """Run the demo pipeline; return 0 on success."""
+    from geozoom_ros.errors import InputError
+
     out = args.out
     out.mkdir(parents=True, exist_ok=True)
+    if not (args.model / 'config.json').exists():
+        raise InputError(f'model {args.model} has no config.json; pass --model MODEL_DIR')
     t0 = time.monotonic()
     world_dir = make_demo_world(out / 'world', force=args.force)
-    _step(f'world ready in {world_dir}')
+    _step(f'world ready in {world_dir} ({time.monotonic() - t0:.0f} s)')
+    bundle = index_demo_map(world_dir, args.model, out / 'bundle', force=args.force)
+    _step(f'map bundle ready in {bundle} ({time.monotonic() - t0:.0f} s)')
     sheet = world_dir / 'preview.png'
     if args.force or not sheet.exists():
         from geozoom_ros.world.preview import make_preview
         make_preview(world_dir, sheet)
     _step(f'preview sheet: {sheet}')
-    paths = render_zoom_paths(world_dir, out / 'zoom_paths', args.samples)
-    for p in paths:
+    for p in render_zoom_paths(world_dir, out / 'zoom_paths', args.samples):
         _step(f'zoom path: {p}')
-    _step(f'done in {time.monotonic() - t0:.0f} s; outputs under {out}')
+    report = run_drive(world_dir, bundle, args.model, out / 'drive', args.rate)
+    _step(f'done in {time.monotonic() - t0:.0f} s; report: {report}')
     return 0
+
+
+def index_demo_map(world_dir, model, bundle_dir, force=False):
+    """Encode every cell view of the demo map with ``model`` (reused when current)."""
+    from geozoom_ros.bundle import build_bundle
+    _step('indexing the map: every cell view the policy can visit, encoded once')
+    return build_bundle(world_dir / 'map.mbtiles', model, bundle_dir, overwrite=force)
+
+
+def demo_node_params(bundle, model):
+    """Return the node parameters of the demo: compressed camera, IMU heading, reliable QoS."""
+    from geozoom_ros.world import drive as D
+    return dict(bundle=str(bundle), model=str(model),
+                image_topic=D.TOPIC_IMAGE_COMPRESSED, image_transport='compressed',
+                image_qos='reliable', heading_source='imu', heading_topic=D.TOPIC_IMU,
+                max_rate_hz=5.0)
+
+
+def run_drive(world_dir, bundle, model, out_dir, rate):
+    """Play the world's drive through the node, score it and write the report; return its path.
+
+    Prints the metrics table.
+    """
+    from geozoom_ros.eval import bag as B
+    from geozoom_ros.eval.report import summary_rows, write_report
+    from geozoom_ros.ros.live import run_node_on_bag
+
+    drive = world_dir / 'drive.mcap'
+    _step(f'playing the drive {drive} through geozoom_node over rclpy')
+    fixes, diag = run_node_on_bag(drive, demo_node_params(bundle, model), out_dir / 'node',
+                                  rate=rate, progress=_step)
+    _step(f'node published {len(fixes)} fixes; diagnostics: '
+          f'{diag.get("frames_received", "?")} frames received, '
+          f'{diag.get("frames_processed", "?")} processed, '
+          f'{diag.get("frames_dropped", "?")} dropped (newest frame wins)')
+    bag = B.read_bag(drive, quiet=True)
+    frames = [B.frame_fix_from_navsatfix(m, bag, index=i) for i, m in enumerate(fixes)]
+    ev = B.evaluate(bag, frames, info={'model': str(model), 'bundle': str(bundle),
+                                       'source': 'geozoom_node over rclpy', 'rate': rate})
+    report = write_report(ev, out_dir / 'report')
+    rows = summary_rows(ev.metrics)
+    width = max(len(k) for k, _ in rows)
+    print('\n'.join(f'  {k:<{width}}  {v}' for k, v in rows), flush=True)
+    return report
 
 
 def make_demo_world(world_dir, force=False):

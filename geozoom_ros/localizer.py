@@ -110,7 +110,7 @@ class GeoZoomLocalizer:
         Args:
             image_rgb: uint8 RGB array ``[H, W, 3]``.
             heading_deg: camera heading, degrees clockwise from north, or None. Used when the
-                model takes a heading (required then).
+                model takes a heading; None runs such a model in its heading-free mode.
             prior: None, a :class:`~geozoom_ros.search.Prior`, or ``(lat, lon, sigma_m)`` /
                 ``(lat, lon, 2x2 covariance m^2)``: restricts the search to its 3-sigma region.
 
@@ -128,9 +128,6 @@ class GeoZoomLocalizer:
                 raise InputError(f'heading {heading_deg} is not finite; pass degrees '
                                  'clockwise from north or None')
             headings = [heading_deg % 360.0]
-        elif self.heading_input:
-            raise InputError('this model takes the camera heading: pass heading_deg '
-                             '(degrees clockwise from north)')
         prior = Prior.coerce(prior)
         g = self.backend.encode_ground([image_rgb], headings=headings)
         t1 = time.perf_counter()

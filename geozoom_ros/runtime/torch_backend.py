@@ -49,17 +49,19 @@ def _heading_kw(method):
 
 
 def _heading_args(runner, headings, n):
-    """Return the heading keyword for the model, or {} when it takes none or some are unknown.
+    """Return the heading keyword for the model ({} when it takes none).
 
-    A model built with ``heading_input`` raises its own one-line error when called without.
+    A heading model gets NaN for every frame whose heading is unknown (None, NaN or no
+    headings at all): its heading-free mode, in which the token carries no heading term.
     """
-    if headings is None or not getattr(runner.config, 'heading_input', False) \
-            or not runner._heading_kw:
+    if not getattr(runner.config, 'heading_input', False) or not runner._heading_kw:
         return {}
-    if len(headings) != n or any(h is None or not np.isfinite(h) for h in headings):
-        return {}
-    return {runner._heading_kw: torch.tensor([float(h) for h in headings], dtype=torch.float32,
-                                             device=runner.device)}
+    if headings is None:
+        headings = [None] * n
+    if len(headings) != n:
+        raise InputError(f'{len(headings)} headings for {n} images')
+    values = [float('nan') if h is None else float(h) for h in headings]
+    return {runner._heading_kw: torch.tensor(values, dtype=torch.float32, device=runner.device)}
 
 
 class TorchBackend(PolicyBackend):
