@@ -21,10 +21,6 @@ SHIPPED_MODEL = Path(__file__).resolve().parent / 'assets' / 'model'
 #: Replay speed of the drive: the node keeps the newest frame, so a faster replay only means
 #: fewer frames localised.
 DEMO_RATE = 2.0
-# A 1.2 km world fits in one zoom-15 cell (about 820 m at 47 N, or a 2x2 block of them);
-# three 4x4 steps end at zoom 21 (about 13 m). The policy's own root zoom comes with the model.
-DEMO_ROOT_ZOOM = 15
-DEMO_STEPS = 3
 
 
 def register(sub):
@@ -63,7 +59,7 @@ def run(args):
         from geozoom_ros.world.preview import make_preview
         make_preview(world_dir, sheet)
     _step(f'preview sheet: {sheet}')
-    for p in render_zoom_paths(world_dir, out / 'zoom_paths', args.samples):
+    for p in render_zoom_paths(world_dir, out / 'zoom_paths', args.samples, args.model):
         _step(f'zoom path: {p}')
     report = run_drive(world_dir, bundle, args.model, out / 'drive', args.rate)
     _step(f'done in {time.monotonic() - t0:.0f} s; report: {report}')
@@ -107,7 +103,7 @@ def run_drive(world_dir, bundle, model, out_dir, rate):
     frames = [B.frame_fix_from_navsatfix(m, bag, index=i) for i, m in enumerate(fixes)]
     ev = B.evaluate(bag, frames, info={'model': str(model), 'bundle': str(bundle),
                                        'source': 'geozoom_node over rclpy', 'rate': rate})
-    report = write_report(ev, out_dir / 'report')
+    report = write_report(ev, out_dir / 'report', map_path=world_dir / 'map.mbtiles')
     rows = summary_rows(ev.metrics)
     width = max(len(k) for k, _ in rows)
     print('\n'.join(f'  {k:<{width}}  {v}' for k, v in rows), flush=True)
@@ -125,13 +121,15 @@ def make_demo_world(world_dir, force=False):
                       n_ground=DEMO_N_GROUND)
 
 
-def render_zoom_paths(world_dir, out_dir, samples, size=256):
+def render_zoom_paths(world_dir, out_dir, samples, model, size=256):
     """Render, for a few test views, the overhead view of every cell on the true zoom path.
 
-    Writes one PNG per sample: the ground image, then the root view and each step's view with
-    the chosen sub-cell outlined. Returns the written paths.
+    The cell tree (root zoom, steps, grid) is the model's. Writes one PNG per sample: the
+    ground image, then the root view and each step's view with the chosen sub-cell outlined,
+    and the terminal cell with the camera's true position. Returns the written paths.
     """
     import csv
+    import json
 
     import cv2
     import mercantile
@@ -141,6 +139,8 @@ def render_zoom_paths(world_dir, out_dir, samples, size=256):
     from geozoom_ros.tiles.store import open_store
     from geozoom_ros.tiles.views import render_view
 
+    cfg = json.loads((Path(model) / 'config.json').read_text())['config']
+    root_zoom, steps, k = int(cfg['root_zoom']), int(cfg['steps']), int(cfg['grid_k'])
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(world_dir / 'ground' / 'index.csv', newline='') as f:
         rows = [r for r in csv.DictReader(f) if r['split'].startswith('test')]
@@ -149,18 +149,18 @@ def render_zoom_paths(world_dir, out_dir, samples, size=256):
     with open_store(world_dir / 'map.mbtiles', preload=True) as store:
         for i, row in enumerate(rows):
             lat, lon = float(row['lat']), float(row['lon'])
-            root = geo.cell_at(lat, lon, DEMO_ROOT_ZOOM)
-            actions = geo.path_to(root, lat, lon, DEMO_STEPS)
+            root = geo.cell_at(lat, lon, root_zoom)
+            actions = geo.path_to(root, lat, lon, steps, k)
             panels = []
             ground = cv2.imread(str(world_dir / 'ground' / row['path']))
             ground = cv2.resize(ground, (size * ground.shape[1] // ground.shape[0], size))
             panels.append(ground)
             cell = root
-            for step in range(DEMO_STEPS + 1):
+            for step in range(steps + 1):
                 img = cv2.cvtColor(render_view(store, cell, size=size).image, cv2.COLOR_RGB2BGR)
-                if step < DEMO_STEPS:
-                    r, c = geo.action_to_rowcol(actions[step])
-                    s = size // 4
+                if step < steps:
+                    r, c = geo.action_to_rowcol(actions[step], k)
+                    s = size // k
                     cv2.rectangle(img, (c * s, r * s), (c * s + s - 1, r * s + s - 1),
                                   (0, 0, 255), 2)
                 else:  # the camera's true position inside the terminal cell
@@ -172,8 +172,8 @@ def render_zoom_paths(world_dir, out_dir, samples, size=256):
                 cv2.putText(img, f'z{cell.z}  {geo.cell_size_m(cell):.0f} m', (6, 18),
                             cv2.FONT_HERSHEY_SIMPLEX, 0.5, (255, 255, 255), 1, cv2.LINE_AA)
                 panels.append(img)
-                if step < DEMO_STEPS:
-                    cell = geo.child(cell, actions[step])
+                if step < steps:
+                    cell = geo.child(cell, actions[step], k)
             strip = np.concatenate([np.pad(p, ((0, 0), (0, 4), (0, 0))) for p in panels], axis=1)
             path = out_dir / f'zoom_path_{i}.png'
             tmp = path.with_suffix('.tmp.png')
