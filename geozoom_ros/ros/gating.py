@@ -230,9 +230,10 @@ class PriorMonitor:
 
 @dataclass
 class Gate:
-    """What is published as a FIX: ``confidence >= min_confidence`` and a 1-sigma radius
-    (metres, of the covariance floored at :data:`MIN_VARIANCE_M2` per axis) ``<= max_sigma_m``.
+    """The node's gate: what is published as a FIX.
 
+    A fix passes when ``confidence >= min_confidence`` and its 1-sigma radius (metres, of the
+    covariance floored at :data:`MIN_VARIANCE_M2` per axis) is ``<= max_sigma_m``.
     The prior thresholds ride along because the node and the offline evaluation apply them
     together. Unset fields take the node's defaults (``config/localize.yaml``).
     """

@@ -130,7 +130,7 @@ class TorchRetrieval:
             if not hasattr(self.model, attr):
                 raise InputError(f'model {model_path} is a {type(self.model).__name__}, not a '
                                  'retrieval model; pass a RetrievalModel file (geozoom train '
-                                 '--baseline retrieval)')
+                                 '--method retrieval)')
         self.config = getattr(self.model, 'config', None)
         self.model_path = os.fspath(model_path)
         self._heading_kw = _heading_kw(self.model.embed_ground)

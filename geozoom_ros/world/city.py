@@ -784,7 +784,7 @@ class _MeshBuf:
         self.tris(pos, (0, 0, 1), mat, col, pos[..., :2].reshape(-1, 2), tint)
 
     def quads(self, quads, z, mat, col, tint=1.0):
-        """Add flat quads (k, 4, 2) (two triangles each, any orientation)."""
+        """Add flat quads, an array (k, 4, 2), as two triangles each (any orientation)."""
         q = np.asarray(quads, float).reshape(-1, 4, 2)
         if not len(q):
             return
