@@ -5,7 +5,7 @@ own ``bench`` module; timings are reported as ratios measured in one run where t
 noisy.
 """
 
-import importlib
+from geozoom_ros.cli import register_modules
 
 _BENCH_MODULES = (
     'geozoom_ros.tiles.bench',
@@ -20,11 +20,4 @@ def register(sub):
     parser = sub.add_parser('bench', help='run benchmarks and print measured figures')
     bench_sub = parser.add_subparsers(dest='bench', metavar='BENCH')
     bench_sub.required = True
-    for name in _BENCH_MODULES:
-        try:
-            module = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name == name:
-                continue
-            raise
-        module.register(bench_sub)
+    register_modules(bench_sub, _BENCH_MODULES)

@@ -34,7 +34,13 @@ def build_parser():
     parser.add_argument('--version', action='version', version='geozoom ' + __version__)
     sub = parser.add_subparsers(dest='command', metavar='COMMAND')
     sub.required = True
-    for name in _COMMAND_MODULES:
+    register_modules(sub, _COMMAND_MODULES)
+    return parser
+
+
+def register_modules(sub, names):
+    """Call ``register(sub)`` of each module in ``names`` that this install has."""
+    for name in names:
         try:
             module = importlib.import_module(name)
         except ModuleNotFoundError as exc:
@@ -42,7 +48,6 @@ def build_parser():
                 continue
             raise
         module.register(sub)
-    return parser
 
 
 def main(argv=None):

@@ -17,6 +17,8 @@ import os
 from pathlib import Path
 import sys
 
+from geozoom_ros.fileio import atomic_write_text
+
 JPEG_SUFFIXES = ('.jpg', '.jpeg')
 
 
@@ -347,25 +349,6 @@ def _report_skipped(skipped, what):
               file=sys.stderr)
 
 
-def _atomic_text(path, text):
-    import tempfile
-
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'w', newline='') as f:
-            f.write(text)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def block_splits(tags, val_fraction=0.1, block_m=200.0, seed=0):
     """Return a 'train'/'val' split per tag, drawn per spatial block of ``block_m`` metres.
 
@@ -420,7 +403,7 @@ def write_index_from_images(folder, out_csv, split=None, val_fraction=0.1, block
         rel = os.path.relpath(tag.path.resolve(), base)
         w.writerow([rel, f'{tag.lat:.8f}', f'{tag.lon:.8f}',
                     '' if tag.heading_deg is None else f'{tag.heading_deg:.2f}', s])
-    return _atomic_text(out_csv, buf.getvalue()), len(tags), skipped
+    return atomic_write_text(out_csv, buf.getvalue()), len(tags), skipped
 
 
 def _dataset_from_images(args):

@@ -18,39 +18,22 @@ Every file is written under a temporary name in the report folder and renamed in
 
 import json
 import math
-import os
 from pathlib import Path
-import tempfile
 
 import numpy as np
 
 from geozoom_ros.eval.metrics import json_ready, RECALL_DISTANCES_M
+from geozoom_ros.fileio import atomic_write, atomic_write_text
 
 FIGURES = ('error_cdf.png', 'error_time.png', 'trajectory_map.png', 'latency.png')
 _C = {'truth': '#111111', 'fused': '#1f77b4', 'odom': '#ff7f0e', 'dr': '#9467bd',
       'pub': '#2ca02c', 'gated': '#8c8c8c', 'rejected': '#d62728'}
 
 
-def _atomic_write(path, write):
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f'.{path.name}.', suffix='.tmp', dir=path.parent)
-    os.close(fd)
-    try:
-        write(tmp)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
-
-
 def _save(fig, path):
     import matplotlib.pyplot as plt
 
-    _atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, format='png', dpi=110))
     plt.close(fig)
     return path
 
@@ -471,7 +454,5 @@ def write_report(ev, out_dir, map_path=None):
     metrics = json_ready(ev.metrics)
     metrics['figures'] = figures
     metrics['map_background'] = str(map_path) if map_path else None
-    _atomic_write(out / 'metrics.json', lambda tmp: Path(tmp).write_text(
-        json.dumps(metrics, indent=1, sort_keys=False) + '\n'))
-    return _atomic_write(out / 'report.md',
-                         lambda tmp: Path(tmp).write_text(_markdown(metrics, figures)))
+    atomic_write_text(out / 'metrics.json', json.dumps(metrics, indent=1) + '\n')
+    return atomic_write_text(out / 'report.md', _markdown(metrics, figures))

@@ -7,11 +7,10 @@ then the config that names their sha256, so a reader never pairs a config with o
 
 import hashlib
 import json
-import os
 from pathlib import Path
-import tempfile
 
 from geozoom_ros.errors import InputError, MismatchError
+from geozoom_ros.fileio import atomic_write_bytes, atomic_write_json
 
 MODEL_FILE = 'model.safetensors'
 CONFIG_FILE = 'config.json'
@@ -26,31 +25,6 @@ def _model_dir(path):
         return path.parent
     raise InputError(f'{path}: not a model folder (expected a folder holding {MODEL_FILE} and '
                      f'{CONFIG_FILE}); pass the folder written by `geozoom train`')
-
-
-def atomic_write_bytes(path, data):
-    """Write ``data`` to ``path`` through a temporary file in the same folder."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix='.' + path.name + '.', dir=path.parent)
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        # mkstemp creates 0600; give the file the permissions a plain open() would.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
-def atomic_write_json(path, obj):
-    """Write ``obj`` as indented JSON through a temporary file."""
-    atomic_write_bytes(path, (json.dumps(obj, indent=2, sort_keys=True) + '\n').encode())
 
 
 def tensors_to_bytes(tensors, metadata=None):
