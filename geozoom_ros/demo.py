@@ -61,7 +61,8 @@ def run(args):
     _step(f'preview sheet: {sheet}')
     for p in render_zoom_paths(world_dir, out / 'zoom_paths', args.samples, args.model):
         _step(f'zoom path: {p}')
-    report = run_drive(world_dir, bundle, args.model, out / 'drive', args.rate)
+    report, _ = run_drive(world_dir / 'drive.mcap', world_dir / 'map.mbtiles', bundle,
+                          args.model, out / 'drive', args.rate)
     _step(f'done in {time.monotonic() - t0:.0f} s; report: {report}')
     return 0
 
@@ -73,28 +74,30 @@ def index_demo_map(world_dir, model, bundle_dir, force=False):
     return build_bundle(world_dir / 'map.mbtiles', model, bundle_dir, overwrite=force)
 
 
-def demo_node_params(bundle, model):
+def demo_node_params(bundle, model, **overrides):
     """Return the node parameters of the demo: compressed camera, IMU heading, reliable QoS."""
     from geozoom_ros.world import drive as D
-    return dict(bundle=str(bundle), model=str(model),
-                image_topic=D.TOPIC_IMAGE_COMPRESSED, image_transport='compressed',
-                image_qos='reliable', heading_source='imu', heading_topic=D.TOPIC_IMU,
-                max_rate_hz=5.0)
+    params = dict(bundle=str(bundle), model=str(model),
+                  image_topic=D.TOPIC_IMAGE_COMPRESSED, image_transport='compressed',
+                  image_qos='reliable', heading_source='imu', heading_topic=D.TOPIC_IMU,
+                  max_rate_hz=5.0)
+    params.update(overrides)
+    return params
 
 
-def run_drive(world_dir, bundle, model, out_dir, rate):
-    """Play the world's drive through the node, score it and write the report; return its path.
+def run_drive(drive, map_path, bundle, model, out_dir, rate, **node_params):
+    """Play a drive bag through the node, score it and write the report.
 
-    Prints the metrics table.
+    ``node_params`` override the demo's node parameters. Prints the metrics table; returns
+    ``(report path, BagEvaluation)``.
     """
     from geozoom_ros.eval import bag as B
     from geozoom_ros.eval.report import summary_rows, write_report
     from geozoom_ros.ros.live import run_node_on_bag
 
-    drive = world_dir / 'drive.mcap'
     _step(f'playing the drive {drive} through geozoom_node over rclpy')
-    fixes, diag = run_node_on_bag(drive, demo_node_params(bundle, model), out_dir / 'node',
-                                  rate=rate, progress=_step)
+    fixes, diag = run_node_on_bag(drive, demo_node_params(bundle, model, **node_params),
+                                  out_dir / 'node', rate=rate, progress=_step)
     _step(f'node published {len(fixes)} fixes; diagnostics: '
           f'{diag.get("frames_received", "?")} frames received, '
           f'{diag.get("frames_processed", "?")} processed, '
@@ -103,11 +106,11 @@ def run_drive(world_dir, bundle, model, out_dir, rate):
     frames = [B.frame_fix_from_navsatfix(m, bag, index=i) for i, m in enumerate(fixes)]
     ev = B.evaluate(bag, frames, info={'model': str(model), 'bundle': str(bundle),
                                        'source': 'geozoom_node over rclpy', 'rate': rate})
-    report = write_report(ev, out_dir / 'report', map_path=world_dir / 'map.mbtiles')
+    report = write_report(ev, out_dir / 'report', map_path=map_path)
     rows = summary_rows(ev.metrics)
     width = max(len(k) for k, _ in rows)
     print('\n'.join(f'  {k:<{width}}  {v}' for k, v in rows), flush=True)
-    return report
+    return report, ev
 
 
 def make_demo_world(world_dir, force=False):
