@@ -12,6 +12,7 @@ _BENCH_MODULES = (
     'geozoom_ros.world.bench',
     'geozoom_ros.ros.bench',
     'geozoom_ros.model.bench',
+    'geozoom_ros.runtime.bench',
 )
 
 

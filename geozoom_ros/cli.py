@@ -22,6 +22,7 @@ _COMMAND_MODULES = (
     'geozoom_ros.ros.cli',
     'geozoom_ros.demo',
     'geozoom_ros.bench',
+    'geozoom_ros.runtime.cli',
 )
 
 

@@ -8,7 +8,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_flake8():
-    targets = [str(ROOT / p) for p in ('geozoom_ros', 'test', 'launch', 'setup.py', 'bench')
+    targets = [str(ROOT / p) for p in ('geozoom_ros', 'test', 'launch', 'setup.py', 'tools')
                if (ROOT / p).exists()]
     result = subprocess.run([sys.executable, '-m', 'flake8', '--config', str(ROOT / 'setup.cfg'),
                              *targets], capture_output=True, text=True, cwd=ROOT)

@@ -6,6 +6,7 @@ imports neither torch nor onnxruntime by itself.
 """
 
 import importlib
+import inspect
 
 from geozoom_ros.errors import ConfigError
 
@@ -17,7 +18,7 @@ BACKENDS = {
 }
 
 #: The order 'auto' tries backends in (fastest first where present).
-AUTO_ORDER = ('torch',)
+AUTO_ORDER = ('tensorrt', 'onnxruntime', 'torch')
 
 
 class BackendUnavailable(ConfigError):
@@ -39,18 +40,28 @@ def _backend_class(kind):
     return getattr(module, class_name)
 
 
+def _accepted(cls, kwargs):
+    """Return the keyword arguments ``cls`` takes (backends differ: device, threads, ...)."""
+    params = inspect.signature(cls.__init__).parameters
+    if any(p.kind == p.VAR_KEYWORD for p in params.values()):
+        return dict(kwargs)
+    return {k: v for k, v in kwargs.items() if k in params}
+
+
 def load_backend(kind, model_path, **kwargs):
     """Return a backend of ``kind`` ('torch', 'onnxruntime', 'tensorrt' or 'auto') for a model.
 
     'auto' takes the first backend of :data:`AUTO_ORDER` that loads. Keyword arguments go to the
-    backend's constructor (e.g. ``device='cuda'`` for torch). A backend that cannot load raises
+    backend's constructor (e.g. ``device='cuda'`` for torch; with 'auto' each backend gets
+    those its constructor takes). A backend that cannot load raises
     :class:`BackendUnavailable` with one line saying why.
     """
     if kind == 'auto':
         reasons = []
         for candidate in AUTO_ORDER:
             try:
-                return load_backend(candidate, model_path, **kwargs)
+                cls = _backend_class(candidate)
+                return cls(model_path, **_accepted(cls, kwargs))
             except BackendUnavailable as exc:
                 reasons.append(str(exc))
         raise BackendUnavailable('no backend could load: ' + '; '.join(reasons))

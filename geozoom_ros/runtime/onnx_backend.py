@@ -1,0 +1,170 @@
+"""The onnxruntime backend: the exported policy graphs on CPU (CUDA where present).
+
+The graphs come from :mod:`geozoom_ros.runtime.export`; a missing or stale export (other model
+hash, beam batch or decoder form) is re-exported into ``<model>/onnx`` on first use, which is
+the only time torch is imported. Preprocessing is numpy + OpenCV and gives the same float32
+values as the torch path (``model.encoders.preprocess_images``).
+"""
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from geozoom_ros.errors import InputError
+from geozoom_ros.runtime import BackendUnavailable
+from geozoom_ros.runtime.base import check_images, PolicyBackend
+from geozoom_ros.runtime.export import export_onnx, is_current, model_dir, read_manifest
+
+# ImageNet statistics in [0, 255] units, computed in float32 as the torch path does.
+_MEAN = np.array((0.485, 0.456, 0.406), np.float32).reshape(1, 3, 1, 1) * np.float32(255.0)
+_STD = np.array((0.229, 0.224, 0.225), np.float32).reshape(1, 3, 1, 1) * np.float32(255.0)
+
+
+def preprocess(images, size):
+    """Resize uint8 RGB images to ``size`` = (width, height) pixels and normalise.
+
+    Returns float32 ``[B, 3, height, width]``, ImageNet-normalised; equal to the torch
+    preprocessing of the policy.
+    """
+    import cv2
+
+    w, h = int(size[0]), int(size[1])
+    out = np.empty((len(images), h, w, 3), dtype=np.uint8)
+    for i, img in enumerate(images):
+        if img.shape[:2] != (h, w):
+            interp = cv2.INTER_AREA if img.shape[0] > h else cv2.INTER_LINEAR
+            img = cv2.resize(img, (w, h), interpolation=interp)
+        out[i] = img
+    x = out.transpose(0, 3, 1, 2).astype(np.float32)
+    return (x - _MEAN) / _STD
+
+
+def _providers(ort, providers):
+    available = ort.get_available_providers()
+    if providers is None:
+        return [p for p in ('CUDAExecutionProvider', 'CPUExecutionProvider') if p in available]
+    providers = [providers] if isinstance(providers, str) else list(providers)
+    missing = [p for p in providers if p not in available]
+    if missing:
+        raise BackendUnavailable(f'onnxruntime provider(s) {", ".join(missing)} not available '
+                                 f'here; available: {", ".join(available)}')
+    return providers
+
+
+class OnnxBackend(PolicyBackend):
+    """A zoom policy run by onnxruntime from its exported graphs.
+
+    Args:
+        model_path: a model folder written by ``geozoom train``.
+        providers: onnxruntime execution providers (default: CUDA if present, then CPU).
+        threads: intra-op threads per session (None: onnxruntime's default).
+        onnx_dir: export folder (default ``<model>/onnx``).
+        beam: the decoder batch B the graphs are built for (default 8, the default beam).
+        decoder: 'per-step' (default) or 'full'; see :mod:`geozoom_ros.runtime.export`.
+    """
+
+    name = 'onnxruntime'
+
+    def __init__(self, model_path, providers=None, threads=None, onnx_dir=None, beam=8,
+                 decoder='per-step'):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendUnavailable("backend 'onnxruntime' cannot load: the onnxruntime "
+                                     'package is not installed') from None
+        from geozoom_ros.model.config import PolicyConfig
+        from geozoom_ros.model.io import model_hash, read_model_config
+
+        mdir = model_dir(model_path)
+        cfg = read_model_config(mdir)
+        if cfg['kind'] != 'zoom_policy':
+            raise InputError(f'model {mdir} is a {cfg["kind"]} model, not a zoom policy; pass '
+                             'a ZoomPolicy model folder')
+        self.model_path = os.fspath(model_path)
+        self.model_hash = model_hash(mdir)
+        self.config = PolicyConfig.from_dict(cfg['config'], f'{mdir}: config')
+        self.onnx_dir = Path(onnx_dir) if onnx_dir is not None else mdir / 'onnx'
+        if not is_current(self.onnx_dir, self.model_hash, beam, decoder):
+            export_onnx(mdir, self.onnx_dir, beam=beam, decoder=decoder)
+        self.manifest = read_manifest(self.onnx_dir)
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        self.providers = _providers(ort, providers)
+
+        def session(name):
+            path = self.onnx_dir / self.manifest['files'][name]
+            return ort.InferenceSession(os.fspath(path), sess_options=opts,
+                                        providers=self.providers)
+
+        self.beam = int(self.manifest['beam'])
+        self.decoder = self.manifest['decoder']
+        self._encoder = session('encoder')
+        if self.decoder == 'per-step':
+            self._steps = [session(f'step_{t}') for t in range(self.steps)]
+        else:
+            self._full = session('decoder_full')
+        d = self.embed_dim
+        self._g = np.zeros((self.beam, d), np.float32)
+        self._sat = np.zeros((self.beam, self.steps, d), np.float32)
+        self._act = np.zeros((self.beam, max(self.steps - 1, 0)), np.int64)
+        self._heading = np.zeros(1, np.float32)
+
+    def encode_ground(self, images, headings=None):
+        """Encode camera frames (uint8 RGB) into float32 ``[B, D]`` (see PolicyBackend).
+
+        A heading model gets NaN (its heading-free mode) for unknown headings (None).
+        """
+        images = check_images(images)
+        use_heading = bool(self.config.heading_input)
+        if headings is not None and len(headings) != len(images):
+            raise InputError(f'{len(headings)} headings for {len(images)} images')
+        x = preprocess(images, self.config.ground_size)
+        out = np.empty((len(images), self.embed_dim), np.float32)
+        for i in range(len(images)):
+            feeds = {'x': x[i:i + 1]}
+            if use_heading:
+                h = None if headings is None else headings[i]
+                self._heading[0] = np.nan if h is None else float(h)
+                feeds['heading'] = self._heading
+            out[i] = self._encoder.run(None, feeds)[0][0]
+        return out
+
+    def step_logits(self, g, sat, actions):
+        """Return float32 ``[B, k*k]`` next-action logits (see PolicyBackend).
+
+        Batches smaller than the exported beam batch are zero-padded, larger ones run in
+        chunks.
+        """
+        g = np.asarray(g, np.float32)
+        sat = np.asarray(sat, np.float32)
+        actions = np.asarray(actions, np.int64)
+        n, t = g.shape[0], actions.shape[1]
+        if sat.shape != (n, t + 1, self.embed_dim) or not 0 <= t < self.steps:
+            raise InputError(f'decoder step got sat {sat.shape} and actions {actions.shape}; '
+                             f'expected [B, t + 1, {self.embed_dim}] and [B, t] with t < '
+                             f'{self.steps}')
+        out = np.empty((n, self.grid_k ** 2), np.float32)
+        bsz = self.beam
+        for lo in range(0, n, bsz):
+            m = min(bsz, n - lo)
+            gb, sb, ab = self._g, self._sat, self._act
+            gb[:m] = g[lo:lo + m]
+            sb[:m, :t + 1] = sat[lo:lo + m]
+            ab[:m, :t] = actions[lo:lo + m]
+            if m < bsz:
+                gb[m:] = 0.0
+                sb[m:] = 0.0
+                ab[m:] = 0
+            if self.decoder == 'per-step':
+                feeds = {'g': gb, 'sat': np.ascontiguousarray(sb[:, :t + 1])}
+                if t > 0:
+                    feeds['actions'] = np.ascontiguousarray(ab[:, :t])
+                out[lo:lo + m] = self._steps[t].run(None, feeds)[0][:m]
+            else:
+                # Rows after t hold stale or zero tokens; the causal decoder never reads them.
+                logits = self._full.run(None, {'g': gb, 'sat': sb, 'actions': ab})[0]
+                out[lo:lo + m] = logits[:m, t]
+        return out

@@ -1,0 +1,223 @@
+"""ONNX export and the onnxruntime backend: valid graphs and parity with torch through search.
+
+Tolerances: ground tokens and logits within 1e-4 absolute of torch (float32 graphs), step
+softmax probabilities and path probabilities within 1e-4 absolute; action sequences and the
+estimate must be identical.
+"""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from geozoom_ros.bundle import load_bundle, make_levels, write_bundle
+from geozoom_ros.errors import InputError
+from geozoom_ros.geo import cell_bounds, cell_at
+from geozoom_ros.runtime import BackendUnavailable, load_backend
+from geozoom_ros.search import beam, greedy
+
+torch = pytest.importorskip('torch')
+ort = pytest.importorskip('onnxruntime')
+onnx = pytest.importorskip('onnx')
+
+from geozoom_ros.model.config import PolicyConfig  # noqa: E402,I100
+from geozoom_ros.model.io import model_hash, save_model  # noqa: E402
+from geozoom_ros.model.policy import ZoomPolicy  # noqa: E402
+from geozoom_ros.runtime.export import export_onnx, is_current, read_manifest  # noqa: E402
+from geozoom_ros.runtime.onnx_backend import OnnxBackend, preprocess  # noqa: E402
+from geozoom_ros.runtime.torch_backend import TorchBackend  # noqa: E402
+
+TOL = 1e-4
+K, STEPS, ROOT_Z, D = 4, 3, 14, 32
+
+
+def _policy(folder, heading=False, seed=0):
+    torch.set_num_threads(1)
+    torch.manual_seed(seed)
+    cfg = PolicyConfig(embed_dim=D, grid_k=K, steps=STEPS, root_zoom=ROOT_Z, view_size=32,
+                       ground_size=(48, 32), decoder_layers=2, decoder_heads=4, dropout=0.0,
+                       heading_input=heading)
+    model = ZoomPolicy(cfg, pretrained=False).eval()
+    with torch.no_grad():
+        # Spread the untrained decoder's logits so the paths are decided by clear margins.
+        model.decoder.head.weight.mul_(30.0)
+    return save_model(model, folder)
+
+
+def _bundle(folder, digest):
+    # Two root cells side by side, so the search also ranks paths across roots.
+    root = cell_at(48.137, 11.575, ROOT_Z)
+    w, s, _, n = cell_bounds(root)
+    _, _, e, _ = cell_bounds(type(root)(root.x + 1, root.y, root.z))
+    eps = 1e-7
+    levels = make_levels((w + eps, s + eps, e - eps, n - eps), ROOT_Z, K, STEPS)
+    count = sum(lv.count for lv in levels if lv.offset >= 0)
+    tokens = np.random.default_rng(1).standard_normal((count, D)).astype(np.float32)
+    extra = {'grid_k': K, 'steps': STEPS, 'root_zoom': ROOT_Z, 'view_size': 32,
+             'map': {'path': 'synthetic', 'sha256': 'x', 'bounds': [w, s, e, n]},
+             'model': {'hash': digest}}
+    return load_bundle(write_bundle(folder, levels, tokens, extra, np.ones(count, np.float32)))
+
+
+def _images(n=4):
+    rng = np.random.default_rng(7)
+    return [rng.integers(0, 256, (40 + 13 * i, 70 + 9 * i, 3), dtype=np.uint8) for i in range(n)]
+
+
+@pytest.fixture(scope='module')
+def plain(tmp_path_factory):
+    root = tmp_path_factory.mktemp('rt')
+    model = _policy(root / 'model')
+    tb = TorchBackend(model)
+    ob = OnnxBackend(model, threads=1)
+    return {'model': model, 'torch': tb, 'onnx': ob, 'bundle': _bundle(root / 'bundle',
+                                                                          tb.model_hash)}
+
+
+def test_numpy_preprocessing_equals_torch(plain):
+    model = plain['torch'].model
+    for img in _images() + [np.zeros((32, 48, 3), np.uint8)]:
+        ref = model.preprocess_ground([img]).numpy()
+        np.testing.assert_array_equal(preprocess([img], (48, 32)), ref)
+
+
+def test_export_writes_checked_static_graphs(plain, tmp_path):
+    manifest = read_manifest(plain['model'] / 'onnx')
+    assert manifest['model_hash'] == model_hash(plain['model'])
+    assert manifest['opset'] == 17 and manifest['decoder'] == 'per-step'
+    assert sorted(manifest['files']) == ['encoder', 'step_0', 'step_1', 'step_2']
+    for name, fname in manifest['files'].items():
+        path = plain['model'] / 'onnx' / fname
+        onnx.checker.check_model(str(path))
+        graph = onnx.load(str(path)).graph
+        for tensor in list(graph.input) + list(graph.output):
+            dims = [d.dim_value for d in tensor.type.tensor_type.shape.dim]
+            assert all(v > 0 for v in dims), (name, tensor.name, dims)  # static shapes
+        if name.startswith('step_'):
+            t = int(name[5:])
+            shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
+                      for i in graph.input}
+            assert shapes['sat'] == [8, t + 1, D]
+            assert shapes.get('actions', [8, 0]) == [8, t]
+    assert is_current(plain['model'] / 'onnx', model_hash(plain['model']))
+    assert not is_current(plain['model'] / 'onnx', 'f' * 64)
+    # A fixed-length full-sequence export gives the same step logits.
+    full = OnnxBackend(plain['model'], threads=1, onnx_dir=tmp_path / 'full', decoder='full',
+                       beam=4)
+    assert json.loads((tmp_path / 'full' / 'manifest.json').read_text())['files'] == {
+        'encoder': 'encoder.onnx', 'decoder_full': 'decoder_full.onnx'}
+    rng = np.random.default_rng(3)
+    for n in (1, 4, 11):
+        for t in range(STEPS):
+            g = rng.standard_normal((n, D)).astype(np.float32)
+            sat = rng.standard_normal((n, t + 1, D)).astype(np.float32)
+            acts = rng.integers(0, K * K, (n, t))
+            ref = plain['torch'].step_logits(g, sat, acts)
+            for backend in (plain['onnx'], full):
+                out = backend.step_logits(g, sat, acts)
+                assert out.shape == (n, K * K)
+                np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+
+
+def _softmax(x):
+    e = np.exp(x - x.max(axis=1, keepdims=True))
+    return e / e.sum(axis=1, keepdims=True)
+
+
+def test_search_parity_greedy_and_beam(plain):
+    tb, ob, bundle = plain['torch'], plain['onnx'], plain['bundle']
+    images = _images()
+    gt, go = tb.encode_ground(images), ob.encode_ground(images)
+    np.testing.assert_allclose(go, gt, atol=TOL, rtol=0)
+    # Untrained encoders map all frames to similar tokens; random tokens add varied paths.
+    rand = np.random.default_rng(5).standard_normal((4, D)).astype(np.float32)
+    pairs = list(zip(gt, go)) + list(zip(rand, rand))
+    distinct = set()
+    for i, (g_t, g_o) in enumerate(pairs):
+        for run in (lambda b, g: greedy(b, bundle, g), lambda b, g: beam(b, bundle, g, 8)):
+            rt, ro = run(tb, g_t), run(ob, g_o)
+            assert [h.path for h in ro.hypotheses] == [h.path for h in rt.hypotheses]
+            assert [h.cell for h in ro.hypotheses] == [h.cell for h in rt.hypotheses]
+            assert ro.estimate == rt.estimate
+            np.testing.assert_allclose([h.prob for h in ro.hypotheses],
+                                       [h.prob for h in rt.hypotheses], atol=TOL, rtol=0)
+            distinct.add(rt.hypotheses[0].path)
+        # Step softmax probabilities of the root step.
+        sat = np.asarray(bundle.tokens[:2], np.float32)[:, None]
+        g2 = np.repeat(g_t[None], 2, axis=0)
+        acts = np.zeros((2, 0), np.int64)
+        np.testing.assert_allclose(_softmax(ob.step_logits(g2, sat, acts)),
+                                   _softmax(tb.step_logits(g2, sat, acts)), atol=TOL, rtol=0)
+    assert len(distinct) > 1  # the frames lead to different paths: parity is not vacuous
+
+
+def test_heading_model_with_and_without_heading(tmp_path):
+    model = _policy(tmp_path / 'hmodel', heading=True, seed=1)
+    tb, ob = TorchBackend(model), OnnxBackend(model, threads=1)
+    assert read_manifest(model / 'onnx')['heading_input'] is True
+    images = _images(3)
+    for headings in ([30.0, 200.0, None], None):
+        ref = tb.encode_ground(images, headings)
+        np.testing.assert_allclose(ob.encode_ground(images, headings), ref, atol=TOL, rtol=0)
+    with_h = ob.encode_ground(images[:1], [30.0])
+    assert np.abs(with_h - ob.encode_ground(images[:1])).max() > 1e-3
+    with pytest.raises(InputError, match='headings for'):
+        ob.encode_ground(images, [1.0])
+
+
+def test_stale_export_is_redone(tmp_path):
+    model = _policy(tmp_path / 'm', seed=2)
+    OnnxBackend(model, threads=1)
+    first = read_manifest(model / 'onnx')['model_hash']
+    _policy(tmp_path / 'm', seed=3)  # new weights in the same folder
+    backend = OnnxBackend(model, threads=1)
+    assert backend.model_hash == model_hash(model) != first
+    assert read_manifest(model / 'onnx')['model_hash'] == backend.model_hash
+
+
+def test_tensorrt_unavailable_in_one_line_and_auto_falls_back(plain):
+    try:
+        import tensorrt  # noqa: F401
+        has_trt = True
+    except ImportError:
+        has_trt = False
+    if not has_trt:
+        with pytest.raises(BackendUnavailable) as exc:
+            load_backend('tensorrt', plain['model'])
+        assert 'tensorrt' in str(exc.value) and '\n' not in str(exc.value)
+        auto = load_backend('auto', plain['model'], threads=1)
+        assert auto.name == 'onnxruntime'
+    else:
+        pytest.skip('tensorrt is installed here; its parity is checked on the GPU machine')
+
+
+def test_backend_module_imports_no_torch():
+    code = ('import sys; import geozoom_ros.runtime.onnx_backend, geozoom_ros.runtime.export, '
+            'geozoom_ros.runtime.tensorrt_backend, geozoom_ros.runtime.cli; '
+            'assert "torch" not in sys.modules and "onnxruntime" not in sys.modules')
+    subprocess.run([sys.executable, '-c', code], check=True)
+
+
+def test_export_cli(plain, tmp_path, capsys):
+    from geozoom_ros.cli import main
+
+    assert main(['export', '--model', str(tmp_path / 'nope'), '-o', str(tmp_path / 'x')]) == 2
+    err = capsys.readouterr().err.strip()
+    assert 'does not exist' in err and '\n' not in err and err.startswith('geozoom export:')
+    out = tmp_path / 'exp'
+    assert main(['export', '--model', str(plain['model']), '-o', str(out), '--quiet']) == 0
+    assert read_manifest(out)['model_hash'] == plain['torch'].model_hash
+    if not _has_trt():
+        assert main(['export', '--model', str(plain['model']), '-o', str(out), '--format',
+                     'tensorrt', '--quiet']) == 2
+        assert 'tensorrt' in capsys.readouterr().err
+
+
+def _has_trt():
+    try:
+        import tensorrt  # noqa: F401
+    except ImportError:
+        return False
+    return True
