@@ -18,8 +18,10 @@ def register(sub):
                         help='FP32 TensorRT engines')
     parser.add_argument('--beam', type=int, default=8,
                         help='fixed decoder batch (beam width) of the graphs (default 8)')
-    parser.add_argument('--decoder', choices=('per-step', 'full'), default='per-step',
-                        help='one graph per zoom step (default) or one full-sequence graph')
+    parser.add_argument('--decoder', choices=('kv', 'per-step', 'full'), default=None,
+                        help='decoder graphs: kv (per step with a key/value cache; the ONNX '
+                             'default), per-step (stateless; what TensorRT compiles) or full '
+                             '(one fixed-length graph)')
     parser.add_argument('--quiet', action='store_true', help='no progress output')
     parser.set_defaults(func=_export)
 
@@ -37,7 +39,15 @@ def _export(args):
                          'by geozoom train')
     if args.fp16 is not None and args.format != 'tensorrt':
         raise InputError('--fp16/--fp32 apply to --format tensorrt only; ONNX graphs are FP32')
-    manifest = export_onnx(mdir, args.output, beam=args.beam, decoder=args.decoder,
+    if args.format == 'tensorrt':
+        # Say that TensorRT is missing before spending time on the ONNX export.
+        from geozoom_ros.runtime.tensorrt_backend import _import_trt
+        _import_trt()
+    decoder = args.decoder or ('per-step' if args.format == 'tensorrt' else 'kv')
+    if args.format == 'tensorrt' and decoder != 'per-step':
+        raise InputError(f'--decoder {decoder} cannot go with --format tensorrt; the TensorRT '
+                         'backend runs the stateless per-step graphs (omit --decoder)')
+    manifest = export_onnx(mdir, args.output, beam=args.beam, decoder=decoder,
                            progress=not args.quiet)
     print(f'wrote {len(manifest["files"])} ONNX graphs (opset {manifest["opset"]}, model '
           f'{manifest["model_hash"][:12]}) to {Path(args.output)}')

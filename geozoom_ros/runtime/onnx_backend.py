@@ -59,15 +59,17 @@ class OnnxBackend(PolicyBackend):
         model_path: a model folder written by ``geozoom train``.
         providers: onnxruntime execution providers (default: CUDA if present, then CPU).
         threads: intra-op threads per session (None: onnxruntime's default).
-        onnx_dir: export folder (default ``<model>/onnx``).
+        onnx_dir: export folder (default ``<model>/onnx``, or
+            ``~/.cache/geozoom_ros/onnx/<hash>`` when the model folder is read-only).
         beam: the decoder batch B the graphs are built for (default 8, the default beam).
-        decoder: 'per-step' (default) or 'full'; see :mod:`geozoom_ros.runtime.export`.
+        decoder: 'kv' (default: per-step graphs with a key/value cache), 'per-step' (each step
+            recomputes the prefix) or 'full'; see :mod:`geozoom_ros.runtime.export`.
     """
 
     name = 'onnxruntime'
 
     def __init__(self, model_path, providers=None, threads=None, onnx_dir=None, beam=8,
-                 decoder='per-step'):
+                 decoder='kv'):
         try:
             import onnxruntime as ort
         except ImportError:
@@ -84,7 +86,14 @@ class OnnxBackend(PolicyBackend):
         self.model_path = os.fspath(model_path)
         self.model_hash = model_hash(mdir)
         self.config = PolicyConfig.from_dict(cfg['config'], f'{mdir}: config')
-        self.onnx_dir = Path(onnx_dir) if onnx_dir is not None else mdir / 'onnx'
+        if onnx_dir is None:
+            onnx_dir = mdir / 'onnx'
+            if not is_current(onnx_dir, self.model_hash, beam, decoder) \
+                    and not os.access(mdir, os.W_OK):
+                # A read-only model (an installed package) exports into the user's cache.
+                cache = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache')
+                onnx_dir = cache / 'geozoom_ros' / 'onnx' / self.model_hash[:16]
+        self.onnx_dir = Path(onnx_dir)
         if not is_current(self.onnx_dir, self.model_hash, beam, decoder):
             export_onnx(mdir, self.onnx_dir, beam=beam, decoder=decoder)
         self.manifest = read_manifest(self.onnx_dir)
@@ -102,7 +111,13 @@ class OnnxBackend(PolicyBackend):
         self.beam = int(self.manifest['beam'])
         self.decoder = self.manifest['decoder']
         self._encoder = session('encoder')
-        if self.decoder == 'per-step':
+        if self.decoder == 'kv':
+            self._kv = [session(f'kv_{t}') for t in range(self.steps)]
+            files = self.manifest['files']
+            self._kv1 = [session(f'kv_{t}_b1') if f'kv_{t}_b1' in files else None
+                         for t in range(self.steps)]
+            self._kv_cache = {}
+        elif self.decoder == 'per-step':
             self._steps = [session(f'step_{t}') for t in range(self.steps)]
         else:
             self._full = session('decoder_full')
@@ -146,6 +161,8 @@ class OnnxBackend(PolicyBackend):
             raise InputError(f'decoder step got sat {sat.shape} and actions {actions.shape}; '
                              f'expected [B, t + 1, {self.embed_dim}] and [B, t] with t < '
                              f'{self.steps}')
+        if self.decoder == 'kv':
+            return self._kv_logits(g, sat, actions)
         out = np.empty((n, self.grid_k ** 2), np.float32)
         bsz = self.beam
         for lo in range(0, n, bsz):
@@ -168,3 +185,65 @@ class OnnxBackend(PolicyBackend):
                 logits = self._full.run(None, {'g': gb, 'sat': sb, 'actions': ab})[0]
                 out[lo:lo + m] = logits[:m, t]
         return out
+
+    # Key/value cache. The search calls step t with the rows of step t - 1 reordered and
+    # extended (beam survivors); a row's cache is found again by the content of its prefix
+    # (ground token, views and actions so far). A row whose prefix was not the previous call's
+    # is recomputed from step 0, so any call order gives the same logits.
+
+    @staticmethod
+    def _row_keys(g, sat, actions, t):
+        return [g[i].tobytes() + sat[i, :t + 1].tobytes() + actions[i, :t].tobytes()
+                for i in range(len(g))]
+
+    def _kv_run(self, t, g, sat_t, action, past_k, past_v):
+        """Run cached step ``t`` over all rows in chunks of the beam batch."""
+        n, bsz, d = len(sat_t), self.beam, self.embed_dim
+        heads = int(self.config.decoder_heads)
+        layers = int(self.config.decoder_layers)
+        logits = np.empty((n, self.grid_k ** 2), np.float32)
+        keys = np.empty((layers, n, heads, 2 * t + 2, d // heads), np.float32)
+        values = np.empty_like(keys)
+        for lo in range(0, n, bsz):
+            m = min(bsz, n - lo)
+            sess, rows = self._kv[t], bsz
+            if m == 1 and self._kv1[t] is not None:
+                sess, rows = self._kv1[t], 1
+
+            def pad(a, axis=0):
+                part = a[lo:lo + m] if axis == 0 else a[:, lo:lo + m]
+                if m == rows:
+                    return np.ascontiguousarray(part)
+                shape = list(part.shape)
+                shape[axis] = rows
+                full = np.zeros(shape, part.dtype)
+                full[(slice(None),) * axis + (slice(0, m),)] = part
+                return full
+            if t == 0:
+                feeds = {'g': pad(g), 'sat': pad(sat_t)}
+            else:
+                feeds = {'sat': pad(sat_t), 'action': pad(action), 'past_k': pad(past_k, 1),
+                         'past_v': pad(past_v, 1)}
+            lg, k, v = sess.run(None, feeds)
+            logits[lo:lo + m], keys[:, lo:lo + m], values[:, lo:lo + m] = lg[:m], k[:, :m], \
+                v[:, :m]
+        return logits, keys, values
+
+    def _kv_logits(self, g, sat, actions):
+        t = actions.shape[1]
+        past_k = past_v = None
+        if t > 0:
+            parents = [self._kv_cache.get(key) for key in self._row_keys(g, sat, actions, t - 1)]
+            if all(p is not None for p in parents):
+                past_k = np.stack([p[0] for p in parents], axis=1)
+                past_v = np.stack([p[1] for p in parents], axis=1)
+            else:
+                _, past_k, past_v = self._kv_run(0, g, sat[:, 0], None, None, None)
+                for s in range(1, t):
+                    _, past_k, past_v = self._kv_run(s, g, sat[:, s], actions[:, s - 1],
+                                                     past_k, past_v)
+        action = actions[:, t - 1] if t > 0 else None
+        logits, keys, values = self._kv_run(t, g, sat[:, t], action, past_k, past_v)
+        self._kv_cache = {key: (keys[:, i], values[:, i])
+                          for i, key in enumerate(self._row_keys(g, sat, actions, t))}
+        return logits

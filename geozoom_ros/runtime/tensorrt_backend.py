@@ -112,7 +112,9 @@ class TensorRTBackend(PolicyBackend):
     Args:
         model_path: a model folder written by ``geozoom train``.
         fp16: build FP16 engines (default) or FP32.
-        onnx_dir, beam: as for :class:`~geozoom_ros.runtime.onnx_backend.OnnxBackend`.
+        onnx_dir: folder of the stateless per-step ONNX export (default ``<model>/onnx-steps``;
+            exported on first use) beside which the engines are cached.
+        beam: the fixed decoder batch, as for the onnxruntime backend.
     """
 
     name = 'tensorrt'
@@ -121,7 +123,11 @@ class TensorRTBackend(PolicyBackend):
         trt = _import_trt()
         from geozoom_ros.runtime.onnx_backend import OnnxBackend
 
-        # The onnxruntime backend validates the model, exports the graphs and preprocesses.
+        from geozoom_ros.runtime.export import model_dir
+
+        # The onnxruntime backend validates the model and exports the stateless per-step
+        # graphs (into their own folder, so they never replace the default key/value export).
+        onnx_dir = onnx_dir if onnx_dir is not None else model_dir(model_path) / 'onnx-steps'
         self._ort = OnnxBackend(model_path, providers=['CPUExecutionProvider'], threads=1,
                                 onnx_dir=onnx_dir, beam=beam, decoder='per-step')
         self.config, self.model_hash = self._ort.config, self._ort.model_hash

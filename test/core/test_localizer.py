@@ -121,9 +121,12 @@ def test_a_heading_model_gets_the_heading(world, tmp_path):
     bundle = build_bundle(world['map'], model, tmp_path / 'hb', progress=False)
     loc = GeoZoomLocalizer(bundle, model, backend='torch')
     assert loc.heading_input
-    with pytest.raises(InputError, match='heading'):
-        loc.localize(_image(5))
+    # Without a heading the model runs in its heading-free mode: no heading term at all.
+    free = loc.backend.encode_ground([_image(5)], headings=[None])
+    np.testing.assert_allclose(free, loc.backend.encode_ground([_image(5)]), atol=0)
+    assert loc.localize(_image(5)) is not None
     g0 = loc.backend.encode_ground([_image(5)], headings=[0.0])
+    assert np.abs(g0 - free).max() > 1e-4
     g90 = loc.backend.encode_ground([_image(5)], headings=[90.0])
     g450 = loc.backend.encode_ground([_image(5)], headings=[450.0])
     assert np.abs(g0 - g90).max() > 1e-4

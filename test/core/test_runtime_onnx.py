@@ -14,7 +14,7 @@ import pytest
 
 from geozoom_ros.bundle import load_bundle, make_levels, write_bundle
 from geozoom_ros.errors import InputError
-from geozoom_ros.geo import cell_bounds, cell_at
+from geozoom_ros.geo import cell_at, cell_bounds
 from geozoom_ros.runtime import BackendUnavailable, load_backend
 from geozoom_ros.search import beam, greedy
 
@@ -25,7 +25,7 @@ onnx = pytest.importorskip('onnx')
 from geozoom_ros.model.config import PolicyConfig  # noqa: E402,I100
 from geozoom_ros.model.io import model_hash, save_model  # noqa: E402
 from geozoom_ros.model.policy import ZoomPolicy  # noqa: E402
-from geozoom_ros.runtime.export import export_onnx, is_current, read_manifest  # noqa: E402
+from geozoom_ros.runtime.export import is_current, read_manifest  # noqa: E402
 from geozoom_ros.runtime.onnx_backend import OnnxBackend, preprocess  # noqa: E402
 from geozoom_ros.runtime.torch_backend import TorchBackend  # noqa: E402
 
@@ -72,8 +72,8 @@ def plain(tmp_path_factory):
     model = _policy(root / 'model')
     tb = TorchBackend(model)
     ob = OnnxBackend(model, threads=1)
-    return {'model': model, 'torch': tb, 'onnx': ob, 'bundle': _bundle(root / 'bundle',
-                                                                          tb.model_hash)}
+    bundle = _bundle(root / 'bundle', tb.model_hash)
+    return {'model': model, 'torch': tb, 'onnx': ob, 'bundle': bundle}
 
 
 def test_numpy_preprocessing_equals_torch(plain):
@@ -86,8 +86,9 @@ def test_numpy_preprocessing_equals_torch(plain):
 def test_export_writes_checked_static_graphs(plain, tmp_path):
     manifest = read_manifest(plain['model'] / 'onnx')
     assert manifest['model_hash'] == model_hash(plain['model'])
-    assert manifest['opset'] == 17 and manifest['decoder'] == 'per-step'
-    assert sorted(manifest['files']) == ['encoder', 'step_0', 'step_1', 'step_2']
+    assert manifest['opset'] == 17 and manifest['decoder'] == 'kv'
+    assert sorted(manifest['files']) == ['encoder', 'kv_0', 'kv_0_b1', 'kv_1', 'kv_1_b1',
+                                         'kv_2', 'kv_2_b1']
     for name, fname in manifest['files'].items():
         path = plain['model'] / 'onnx' / fname
         onnx.checker.check_model(str(path))
@@ -95,17 +96,22 @@ def test_export_writes_checked_static_graphs(plain, tmp_path):
         for tensor in list(graph.input) + list(graph.output):
             dims = [d.dim_value for d in tensor.type.tensor_type.shape.dim]
             assert all(v > 0 for v in dims), (name, tensor.name, dims)  # static shapes
-        if name.startswith('step_'):
-            t = int(name[5:])
+        if name.startswith('kv_'):
+            t, b = int(name[3]), 1 if name.endswith('_b1') else 8
             shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
-                      for i in graph.input}
-            assert shapes['sat'] == [8, t + 1, D]
-            assert shapes.get('actions', [8, 0]) == [8, t]
+                      for i in list(graph.input) + list(graph.output)}
+            assert shapes['sat'] == [b, D] and shapes['logits'] == [b, K * K]
+            assert shapes['keys'] == [2, b, 4, 2 * t + 2, D // 4]
+            if t:
+                assert shapes['past_k'] == [2, b, 4, 2 * t, D // 4] and shapes['action'] == [b]
     assert is_current(plain['model'] / 'onnx', model_hash(plain['model']))
     assert not is_current(plain['model'] / 'onnx', 'f' * 64)
-    # A fixed-length full-sequence export gives the same step logits.
+    # The stateless per-step and the fixed-length full-sequence exports give the same logits.
     full = OnnxBackend(plain['model'], threads=1, onnx_dir=tmp_path / 'full', decoder='full',
                        beam=4)
+    step = OnnxBackend(plain['model'], threads=1, onnx_dir=tmp_path / 'step',
+                       decoder='per-step', beam=3)
+    assert sorted(step.manifest['files']) == ['encoder', 'step_0', 'step_1', 'step_2']
     assert json.loads((tmp_path / 'full' / 'manifest.json').read_text())['files'] == {
         'encoder': 'encoder.onnx', 'decoder_full': 'decoder_full.onnx'}
     rng = np.random.default_rng(3)
@@ -115,7 +121,8 @@ def test_export_writes_checked_static_graphs(plain, tmp_path):
             sat = rng.standard_normal((n, t + 1, D)).astype(np.float32)
             acts = rng.integers(0, K * K, (n, t))
             ref = plain['torch'].step_logits(g, sat, acts)
-            for backend in (plain['onnx'], full):
+            # The cache misses here (random prefixes): the kv backend recomputes them.
+            for backend in (plain['onnx'], full, step):
                 out = backend.step_logits(g, sat, acts)
                 assert out.shape == (n, K * K)
                 np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
@@ -221,3 +228,19 @@ def _has_trt():
     except ImportError:
         return False
     return True
+
+
+def test_kv_cache_serves_the_search_without_recomputation(plain, monkeypatch):
+    ob, bundle = plain['onnx'], plain['bundle']
+    calls = []
+    run = ob._kv_run
+
+    def counting(t, *args):
+        calls.append(t)
+        return run(t, *args)
+    monkeypatch.setattr(ob, '_kv_run', counting)
+    g = np.random.default_rng(9).standard_normal(D).astype(np.float32)
+    result = beam(ob, bundle, g, 8)
+    assert result.decoder_calls == STEPS
+    # One run per step (beam of 8 fits one batch; the 2 roots at step 0 too): no prefix redone.
+    assert calls == list(range(STEPS))

@@ -1,0 +1,344 @@
+"""`geozoom bench runtime`: per-frame latency by backend, scaling with map area, memory.
+
+Three parts, measured in one run (ratios are what to read on a noisy machine):
+
+1. Latency per frame on a real map bundle, for every backend that loads (torch,
+   onnxruntime, tensorrt): p50/p95 of the encoder, the beam search (width 8) and the total, in
+   milliseconds, and the ratio search / encoder. Resident memory growth over the frames and
+   tracemalloc's Python allocations per frame after warm-up (onnxruntime backend).
+2. Scaling with map area (1, 100, 10 000 km2 by default): zoom beam search on in-memory bundles
+   whose tokens are synthetic (drawn from a fixed pool: the search's cost does not depend on
+   token values), brute-force retrieval (numpy inner products) and FAISS (exact flat index and
+   an IVF index) over a synthetic gallery of one 64-float embedding per zoom ``root + 3 j``
+   cell (about 100 m at mid-latitudes, the retrieval baseline's crop). Latencies are also given
+   as ratios to the 1 km2 figure.
+3. Bundle bytes per km2 (tokens float16 + coverage, as the bundle format stores them; a loaded
+   bundle is memory-mapped, so this bounds its resident memory) and the resident memory per
+   km2 of the retrieval gallery (held in RAM, fully written: its size). Brute force uses
+   ``np.einsum`` (single-threaded) and FAISS one OpenMP thread.
+
+Without ``--model`` the benchmark builds, in a temporary folder, a small real map (GeoTIFF ->
+MBTiles) and an untrained policy with the CPU recipe's sizes (``config/train/cpu.yaml``:
+EfficientNet-Lite0, ground 128x96, views 96, embed 256, 4 decoder layers, 4 steps of a 4x4
+grid from zoom 12) and its bundle: the per-frame cost is the real one whether or not the
+weights are trained.
+"""
+
+import json
+import os
+from pathlib import Path
+import tempfile
+import time
+import tracemalloc
+
+import numpy as np
+
+#: Sizes of the CPU training recipe (config/train/cpu.yaml).
+CPU_RECIPE = dict(root_zoom=12, grid_k=4, steps=4, embed_dim=256, ground_size=(128, 96),
+                  view_size=96, encoder_layers=4)
+RETRIEVAL_DIM = 64
+
+
+def register(bench_sub):
+    """Add `geozoom bench runtime`."""
+    p = bench_sub.add_parser('runtime', help='per-frame latency by backend, scaling with map '
+                                             'area, bundle size and memory')
+    p.add_argument('--model', default=None,
+                   help='zoom policy folder (default: an untrained CPU-recipe policy)')
+    p.add_argument('--bundle', default=None,
+                   help='map bundle of --model (default: built over a small synthetic map)')
+    p.add_argument('--frames', type=int, default=100, help='timed frames per backend (100)')
+    p.add_argument('--warmup', type=int, default=5, help='untimed frames per backend (5)')
+    p.add_argument('--areas', default='1,100,10000',
+                   help='map areas in km2 for the scaling benchmark (1,100,10000)')
+    p.add_argument('--threads', type=int, default=1, help='CPU threads per backend (1)')
+    p.add_argument('--beam', type=int, default=8, help='beam width (8)')
+    p.add_argument('--backends', default='torch,onnxruntime,tensorrt',
+                   help='backends to try (those that cannot load are reported and skipped)')
+    p.add_argument('--json', action='store_true', help='print the figures as JSON')
+    p.set_defaults(func=_run)
+
+
+def _pct(values):
+    a = np.asarray(values, float)
+    return {'p50': float(np.percentile(a, 50)), 'p95': float(np.percentile(a, 95))}
+
+
+def _frames(count, width=640, height=480, seed=0):
+    import cv2
+
+    rng = np.random.default_rng(seed)
+    out = []
+    for _ in range(count):
+        small = rng.integers(0, 256, (27, 36, 3), dtype=np.uint8)
+        out.append(cv2.resize(small, (width, height), interpolation=cv2.INTER_LINEAR))
+    return out
+
+
+def _rss():
+    with open('/proc/self/statm') as f:
+        return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
+
+
+def _prepare(folder, model=None, bundle=None):
+    """Return ``(model, bundle, note)``; build what is missing in ``folder``."""
+    from geozoom_ros.errors import InputError
+
+    if bundle is not None and model is None:
+        raise InputError('--bundle needs --model (the model the bundle was built with)')
+    if model is not None and bundle is not None:
+        return Path(model), Path(bundle), 'given model and bundle'
+    from geozoom_ros.ros.bench import make_small_world
+
+    if model is None:
+        world = make_small_world(folder, size_m=400.0, gsd_m=0.5, **CPU_RECIPE)
+        note = 'untrained policy with the CPU recipe sizes (random init) on a 400 m synthetic map'
+        return world['model'], world['bundle'], note
+    from geozoom_ros.bundle import build_bundle
+    from geozoom_ros.tiles.bench import synthetic_ortho
+    from geozoom_ros.tiles.build import build_mbtiles
+
+    synthetic_ortho(Path(folder) / 'ortho.tif', size_m=400.0, gsd_m=0.5)
+    mbtiles = build_mbtiles(Path(folder) / 'ortho.tif', Path(folder) / 'map.mbtiles',
+                            workers=1, progress=False)
+    out = build_bundle(mbtiles, model, Path(folder) / 'bundle', batch_size=16, progress=False)
+    return Path(model), out, 'given model on a 400 m synthetic map'
+
+
+def _backend_latency(backend, bundle_path, model, frames, warmup, beam, threads):
+    from geozoom_ros.localizer import GeoZoomLocalizer
+    from geozoom_ros.runtime import load_backend
+
+    kwargs = {'threads': threads} if backend in ('onnxruntime',) else {}
+    loc = GeoZoomLocalizer(bundle_path, model, backend=load_backend(backend, model, **kwargs),
+                           beam_width=beam)
+    images = _frames(8)
+    heading = 0.0 if loc.heading_input else None
+    for i in range(warmup):
+        loc.localize(images[i % len(images)], heading_deg=heading)
+    lat = {'encoder': [], 'search': [], 'total': []}
+    rss0 = _rss()
+    for i in range(frames):
+        fix = loc.localize(images[i % len(images)], heading_deg=heading)
+        for key in lat:
+            lat[key].append(fix.latency_ms[key])
+    row = {key: _pct(v) for key, v in lat.items()}
+    row['search_over_encoder_p50'] = row['search']['p50'] / row['encoder']['p50']
+    row['rss_growth_bytes'] = _rss() - rss0
+    row['frames'] = frames
+    return row, loc
+
+
+def _allocations(loc, frames=20):
+    """Return tracemalloc figures per frame (after the warm-up the caller already did)."""
+    images = _frames(4, seed=1)
+    heading = 0.0 if loc.heading_input else None
+    tracemalloc.start()
+    try:
+        loc.localize(images[0], heading_deg=heading)
+        base, _ = tracemalloc.get_traced_memory()
+        snap0 = tracemalloc.take_snapshot()
+        peaks = []
+        for i in range(frames):
+            tracemalloc.reset_peak()
+            before, _ = tracemalloc.get_traced_memory()
+            loc.localize(images[i % len(images)], heading_deg=heading)
+            _, peak = tracemalloc.get_traced_memory()
+            peaks.append(peak - before)
+        snap1 = tracemalloc.take_snapshot()
+        end, _ = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    diff = snap1.compare_to(snap0, 'filename')
+    blocks = sum(max(s.count_diff, 0) for s in diff)
+    return {'frames': frames, 'peak_python_bytes_per_frame': float(np.median(peaks)),
+            'net_python_bytes_per_frame': (end - base) / frames,
+            'net_python_blocks_per_frame': blocks / frames}
+
+
+class SyntheticTokens:
+    """Token rows drawn from a fixed pool: ``tokens[rows]`` like a bundle's token array."""
+
+    def __init__(self, count, dim, pool=4096, seed=0):
+        rng = np.random.default_rng(seed)
+        self.pool = rng.standard_normal((pool, dim)).astype(np.float16)
+        self.shape = (int(count), int(dim))
+
+    def __getitem__(self, rows):
+        return self.pool[np.asarray(rows) % len(self.pool)]
+
+    def __len__(self):
+        return self.shape[0]
+
+
+def square_bounds(area_km2, lat=47.37, lon=8.54):
+    """Return (west, south, east, north) degrees of a square of ``area_km2`` around a point."""
+    half = 500.0 * float(area_km2) ** 0.5  # metres
+    dlat = half / 111320.0
+    dlon = half / (111320.0 * np.cos(np.radians(lat)))
+    return (lon - dlon, lat - dlat, lon + dlon, lat + dlat)
+
+
+def synthetic_bundle(area_km2, config, model_hash):
+    """Return an in-memory Bundle over a square map of ``area_km2`` with synthetic tokens."""
+    from geozoom_ros.bundle import Bundle, make_levels
+
+    bounds = square_bounds(area_km2)
+    levels = make_levels(bounds, config.root_zoom, config.grid_k, config.steps)
+    count = sum(lv.count for lv in levels if lv.offset >= 0)
+    manifest = {'grid_k': config.grid_k, 'steps': config.steps, 'root_zoom': config.root_zoom,
+                'embed_dim': config.embed_dim, 'levels': [lv.to_json() for lv in levels],
+                'roots': [[int(x), int(y), levels[0].zoom]
+                          for x, y in zip(*levels[0].cell_arrays())],
+                'map': {'bounds': list(bounds)}, 'model': {'hash': model_hash}}
+    tokens = SyntheticTokens(count, config.embed_dim)
+    return Bundle('<memory>', manifest, tokens), levels
+
+
+def _time(fn, repeats, min_s=0.0):
+    fn()
+    times = []
+    t_end = time.perf_counter() + min_s
+    while len(times) < repeats or time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+        if len(times) >= 10 * repeats:
+            break
+    return _pct(times)
+
+
+def scaling(backend, areas, beam=8, repeats=10, seed=0):
+    """Return the scaling figures (see the module docstring) for map areas in km2."""
+    import faiss
+
+    from geozoom_ros.search import beam as beam_search
+
+    faiss.omp_set_num_threads(1)
+    cfg = backend.config
+    rng = np.random.default_rng(seed)
+    g = rng.standard_normal(cfg.embed_dim).astype(np.float32)
+    rows = []
+    for area in areas:
+        bundle, levels = synthetic_bundle(area, cfg, backend.model_hash)
+        token_count = len(bundle.tokens)
+        zoom = _time(lambda: beam_search(backend, bundle, g, width=beam), repeats)
+        # Retrieval gallery: one embedding per cell of the level whose cells are ~100 m.
+        gallery_level = levels[min(3, len(levels) - 1)]
+        n = gallery_level.count
+        gallery = rng.standard_normal((n, RETRIEVAL_DIM), dtype=np.float32)
+        gallery /= np.linalg.norm(gallery, axis=1, keepdims=True)
+        q = gallery[n // 2] + 0.1 * rng.standard_normal(RETRIEVAL_DIM, dtype=np.float32)
+        # einsum, not BLAS: a multi-threaded BLAS on a loaded 2-core machine times contention.
+        brute = _time(lambda: int(np.argmax(np.einsum('nd,d->n', gallery, q))), repeats)
+        flat = faiss.IndexFlatIP(RETRIEVAL_DIM)
+        flat.add(gallery)
+        faiss_flat = _time(lambda: flat.search(q[None], 1), repeats)
+        nlist = int(max(1, min(4096, round(4 * n ** 0.5))))
+        quant = faiss.IndexFlatIP(RETRIEVAL_DIM)
+        ivf = faiss.IndexIVFFlat(quant, RETRIEVAL_DIM, nlist, faiss.METRIC_INNER_PRODUCT)
+        train = gallery[rng.choice(n, size=min(n, 40 * nlist), replace=False)]
+        ivf.train(train)
+        ivf.add(gallery)
+        ivf.nprobe = min(nlist, 8)
+        faiss_ivf = _time(lambda: ivf.search(q[None], 1), repeats)
+        bundle_bytes = token_count * cfg.embed_dim * 2 + token_count * 2
+        rows.append({'area_km2': float(area), 'roots': len(bundle.roots),
+                     'tokens': token_count, 'gallery': n,
+                     'zoom_beam_ms': zoom, 'brute_force_ms': brute, 'faiss_flat_ms': faiss_flat,
+                     'faiss_ivf_ms': faiss_ivf, 'faiss_ivf_nlist': nlist,
+                     'bundle_bytes': bundle_bytes,
+                     'bundle_bytes_per_km2': bundle_bytes / float(area),
+                     'gallery_resident_bytes_per_km2': gallery.nbytes / float(area)})
+    base = rows[0]
+    for row in rows:
+        for key in ('zoom_beam_ms', 'brute_force_ms', 'faiss_flat_ms', 'faiss_ivf_ms'):
+            row[key.replace('_ms', '_ratio_p50')] = row[key]['p50'] / base[key]['p50']
+    return rows
+
+
+def run_bench(model=None, bundle=None, frames=100, warmup=5, areas=(1, 100, 10000), threads=1,
+              beam=8, backends=('torch', 'onnxruntime', 'tensorrt'), scaling_repeats=10,
+              folder=None):
+    """Run the benchmark; return a dict of measured figures (see the module docstring)."""
+    import torch
+
+    from geozoom_ros.runtime import BackendUnavailable
+
+    torch.set_num_threads(int(threads))
+    with tempfile.TemporaryDirectory(prefix='geozoom-bench-') as tmp:
+        folder = Path(folder or tmp)
+        model, bundle, note = _prepare(folder, model, bundle)
+        rss_start = _rss()
+        out = {'model': note, 'threads': int(threads), 'beam': int(beam),
+               'bundle_bytes': sum(p.stat().st_size for p in Path(bundle).rglob('*')
+                                   if p.is_file()),
+               'backends': {}, 'unavailable': {}}
+        locs = {}
+        for name in backends:
+            try:
+                row, loc = _backend_latency(name, bundle, model, frames, warmup, beam, threads)
+            except BackendUnavailable as exc:
+                out['unavailable'][name] = str(exc)
+                continue
+            out['backends'][name] = row
+            locs[name] = loc
+        if not locs:
+            raise BackendUnavailable('no backend could load: '
+                                     + '; '.join(out['unavailable'].values()))
+        chosen = locs.get('onnxruntime') or next(iter(locs.values()))
+        out['allocations'] = {'backend': chosen.backend.name, **_allocations(chosen)}
+        out['scaling_backend'] = chosen.backend.name
+        out['scaling'] = scaling(chosen.backend, [float(a) for a in areas], beam,
+                                 scaling_repeats)
+        out['rss_bytes'] = _rss()
+        out['rss_growth_from_start_bytes'] = out['rss_bytes'] - rss_start
+    return out
+
+
+def _print(res):
+    print(f'model: {res["model"]}; {res["threads"]} thread(s), beam {res["beam"]}')
+    print(f'{"backend":<12} {"enc p50":>8} {"enc p95":>8} {"srch p50":>9} {"srch p95":>9} '
+          f'{"tot p50":>8} {"tot p95":>8} {"srch/enc":>8}  (ms)')
+    for name, r in res['backends'].items():
+        print(f'{name:<12} {r["encoder"]["p50"]:8.2f} {r["encoder"]["p95"]:8.2f} '
+              f'{r["search"]["p50"]:9.2f} {r["search"]["p95"]:9.2f} {r["total"]["p50"]:8.2f} '
+              f'{r["total"]["p95"]:8.2f} {r["search_over_encoder_p50"]:8.2f}  '
+              f'rss growth {r["rss_growth_bytes"] / 1e6:.1f} MB over {r["frames"]} frames')
+    for name, why in res['unavailable'].items():
+        print(f'{name:<12} unavailable: {why}')
+    a = res['allocations']
+    print(f'allocations ({a["backend"]}, after warm-up): peak '
+          f'{a["peak_python_bytes_per_frame"]:.0f} B/frame, net '
+          f'{a["net_python_bytes_per_frame"]:.1f} B/frame, '
+          f'{a["net_python_blocks_per_frame"]:.2f} blocks/frame')
+    print(f'scaling (synthetic tokens/gallery, {res["scaling_backend"]}; p50 ms, x = ratio to '
+          'the smallest area):')
+    for r in res['scaling']:
+        print(f'  {r["area_km2"]:>8.0f} km2  roots {r["roots"]:>4}  zoom '
+              f'{r["zoom_beam_ms"]["p50"]:7.2f} ({r["zoom_beam_ratio_p50"]:.2f}x)  brute '
+              f'{r["brute_force_ms"]["p50"]:8.3f} '
+              f'({r["brute_force_ratio_p50"]:.1f}x)  faiss flat {r["faiss_flat_ms"]["p50"]:8.3f} '
+              f'({r["faiss_flat_ratio_p50"]:.1f}x)  faiss ivf {r["faiss_ivf_ms"]["p50"]:6.3f} '
+              f'({r["faiss_ivf_ratio_p50"]:.1f}x)  bundle {r["bundle_bytes_per_km2"] / 1e3:.0f} '
+              f'kB/km2  gallery {r["gallery_resident_bytes_per_km2"] / 1e3:.0f} kB/km2')
+
+
+def _run(args):
+    from geozoom_ros.errors import InputError
+
+    try:
+        areas = [float(a) for a in args.areas.split(',') if a.strip()]
+    except ValueError:
+        raise InputError(f'--areas {args.areas!r}: give comma-separated km2 values') from None
+    if not areas or min(areas) <= 0:
+        raise InputError(f'--areas {args.areas!r}: areas must be positive km2 values')
+    if args.frames < 1 or args.warmup < 0:
+        raise InputError('--frames must be >= 1 and --warmup >= 0')
+    res = run_bench(args.model, args.bundle, args.frames, args.warmup, areas, args.threads,
+                    args.beam, tuple(b for b in args.backends.split(',') if b))
+    if args.json:
+        print(json.dumps(res, indent=2, sort_keys=True))
+    else:
+        _print(res)
+    return 0

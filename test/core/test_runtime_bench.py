@@ -1,0 +1,66 @@
+"""`geozoom bench runtime` on a tiny real map and policy: runs and reports every figure."""
+
+import json
+
+import pytest
+
+pytest.importorskip('torch')
+pytest.importorskip('onnxruntime')
+pytest.importorskip('faiss')
+
+from geozoom_ros.ros.bench import make_small_world  # noqa: E402,I100
+from geozoom_ros.runtime.bench import run_bench, synthetic_bundle  # noqa: E402
+
+
+@pytest.fixture(scope='module')
+def world(tmp_path_factory):
+    return make_small_world(tmp_path_factory.mktemp('rtbench'))
+
+
+def _check_latency(row):
+    for part in ('encoder', 'search', 'total'):
+        assert row[part]['p95'] >= row[part]['p50'] > 0
+    assert row['search_over_encoder_p50'] > 0 and row['frames'] == 3
+
+
+def test_bench_reports_every_figure(world):
+    res = run_bench(world['model'], world['bundle'], frames=3, warmup=1, areas=(1, 4),
+                    scaling_repeats=2)
+    assert set(res['backends']) == {'torch', 'onnxruntime'} or 'tensorrt' in res['backends']
+    for row in res['backends'].values():
+        _check_latency(row)
+    if 'tensorrt' not in res['backends']:
+        assert '\n' not in res['unavailable']['tensorrt']
+    alloc = res['allocations']
+    assert alloc['backend'] == 'onnxruntime' and alloc['peak_python_bytes_per_frame'] > 0
+    small, big = res['scaling']
+    assert (small['area_km2'], big['area_km2']) == (1.0, 4.0)
+    assert big['tokens'] > small['tokens'] and big['gallery'] > small['gallery']
+    assert small['zoom_beam_ratio_p50'] == 1.0
+    for key in ('zoom_beam_ms', 'brute_force_ms', 'faiss_flat_ms', 'faiss_ivf_ms'):
+        assert big[key]['p50'] > 0 and key.replace('_ms', '_ratio_p50') in big
+    assert big['bundle_bytes_per_km2'] > 0 and big['gallery_resident_bytes_per_km2'] > 0
+    assert res['bundle_bytes'] > 0
+    json.dumps(res)
+
+
+def test_synthetic_bundle_grows_with_area(world):
+    from geozoom_ros.runtime import load_backend
+
+    backend = load_backend('torch', world['model'])
+    small, _ = synthetic_bundle(1.0, backend.config, backend.model_hash)
+    big, _ = synthetic_bundle(100.0, backend.config, backend.model_hash)
+    assert len(big.tokens) > 50 * len(small.tokens)
+    assert big.tokens[[0, 5]].shape == (2, backend.config.embed_dim)
+
+
+def test_bench_cli_json(world, capsys):
+    from geozoom_ros.cli import main
+
+    assert main(['bench', 'runtime', '--model', str(world['model']), '--bundle',
+                 str(world['bundle']), '--frames', '2', '--warmup', '0', '--areas', '1',
+                 '--backends', 'onnxruntime', '--json']) == 0
+    res = json.loads(capsys.readouterr().out)
+    assert set(res['backends']) == {'onnxruntime'} and len(res['scaling']) == 1
+    assert main(['bench', 'runtime', '--bundle', str(world['bundle'])]) == 2
+    assert '--bundle needs --model' in capsys.readouterr().err
