@@ -34,7 +34,6 @@ setup(
     description='Visual geo-localization by a learned zoom policy over an offline tile pyramid.',
     license='Apache-2.0',
     python_requires='>=3.10',
-    tests_require=['pytest'],
     entry_points={
         'console_scripts': [
             'geozoom = geozoom_ros.cli:main',
