@@ -33,10 +33,7 @@ from geozoom_ros.search import (beam, cell_center_merc, greedy, hypotheses_covar
                                 merc_to_latlon, Prior)
 
 METHODS = ('zoom', 'zoom-beam', 'retrieval', 'sim-zoom', 'ground-knn')
-DEFAULT_IMAGE_TOPIC = '/camera/image_raw'
 DEFAULT_GT_TOPIC = '/gps/fix_truth'
-#: Ground truth further than this from an image's stamp does not match it (seconds).
-MAX_GT_GAP_S = 0.5
 
 
 @dataclass
@@ -123,74 +120,23 @@ def read_index(path, split=None, limit=None):
 def read_bag(path, image_topic=None, gt_topic=DEFAULT_GT_TOPIC, limit=None, every=1):
     """Return ``(queries, skipped)`` from a drive bag (images matched to ground truth).
 
-    The truth position at an image's stamp is interpolated linearly between the two nearest
-    NavSatFix messages; images more than 0.5 s from any fix are skipped.
+    Reading, the choice of the image topic and the truth at each image's stamp (interpolated
+    between NavSatFix messages, none across a gap) are :func:`geozoom_ros.eval.bag.read_bag`'s;
+    frames without truth or that cannot be decoded are skipped and counted.
     """
-    from rosbags.highlevel import AnyReader
+    from geozoom_ros.eval import bag as B
 
-    from geozoom_ros.ros.conversions import msg_to_rgb
-
-    path = Path(path)
-    if not path.exists():
-        raise InputError(f'data {path} does not exist; pass an index.csv or a drive bag')
-    try:
-        reader = AnyReader([path])
-        reader.open()
-    except Exception as exc:  # noqa: B902 - rosbags raises several unrelated types
-        raise InputError(f'data {path} is not a readable rosbag2 ({exc})') from None
-    try:
-        topics = {c.topic: c.msgtype for c in reader.connections}
-        if image_topic is None:
-            for cand in (DEFAULT_IMAGE_TOPIC, DEFAULT_IMAGE_TOPIC + '/compressed'):
-                if cand in topics:
-                    image_topic = cand
-                    break
-            else:
-                image_topic = next((t for t, m in topics.items() if m.endswith('Image')), None)
-        if image_topic not in topics:
-            raise InputError(f'bag {path} has no image topic {image_topic!r}; topics: '
-                             f'{", ".join(sorted(topics))}')
-        if gt_topic not in topics:
-            raise InputError(f'bag {path} has no ground-truth topic {gt_topic!r}; pass '
-                             '--gt-topic')
-        fixes = []
-        for conn, _, raw in reader.messages(connections=[c for c in reader.connections
-                                                         if c.topic == gt_topic]):
-            m = reader.deserialize(raw, conn.msgtype)
-            t = m.header.stamp.sec + 1e-9 * m.header.stamp.nanosec
-            if math.isfinite(m.latitude) and math.isfinite(m.longitude):
-                fixes.append((t, m.latitude, m.longitude))
-        fixes.sort()
-        if not fixes:
-            raise InputError(f'bag {path} has no valid messages on {gt_topic}')
-        ft = np.array([f[0] for f in fixes])
-        flat = np.array([f[1] for f in fixes])
-        flon = np.array([f[2] for f in fixes])
-        queries, skipped, seen = [], 0, 0
-        conns = [c for c in reader.connections if c.topic == image_topic]
-        for conn, _, raw in reader.messages(connections=conns):
-            seen += 1
-            if (seen - 1) % every:
-                continue
-            if limit and len(queries) >= limit:
-                break
-            m = reader.deserialize(raw, conn.msgtype)
-            t = m.header.stamp.sec + 1e-9 * m.header.stamp.nanosec
-            i = int(np.searchsorted(ft, t))
-            near = min(abs(ft[min(i, len(ft) - 1)] - t), abs(ft[max(i - 1, 0)] - t))
-            if near > MAX_GT_GAP_S:
-                skipped += 1
-                continue
-            lat = float(np.interp(t, ft, flat))
-            lon = float(np.interp(t, ft, flon))
-            try:
-                rgb = msg_to_rgb(m)
-            except InputError:
-                skipped += 1
-                continue
-            queries.append(Query(f'{image_topic}@{t:.3f}', lat, lon, None, image=rgb))
-    finally:
-        reader.close()
+    bag = B.read_bag(path, image_topic=image_topic, gt_topic=gt_topic, quiet=True)
+    if bag.gt is None:
+        raise InputError(f'bag {path} has no ground-truth topic {gt_topic!r}; pass --gt-topic')
+    queries, skipped = [], 0
+    for fr in bag.images(every=every, limit=limit):
+        lat, lon, _ = bag.gt.at(np.array([fr.t]))
+        if fr.error or not np.isfinite(lat[0]):
+            skipped += 1
+            continue
+        queries.append(Query(f'{bag.image_topic}@{fr.t:.3f}', float(lat[0]), float(lon[0]),
+                             None, image=fr.rgb))
     return queries, skipped
 
 
