@@ -4,6 +4,7 @@ import json
 import math
 import shutil
 
+from frames import pattern_frame
 import numpy as np
 import pytest
 from rosbags.rosbag2 import StoragePlugin, Writer
@@ -58,13 +59,7 @@ def _write_bag(path, messages, storage='mcap', topics=None):
     return path
 
 
-def _render(east, north, heading_deg, pitch_deg=0.0, roll_deg=0.0):
-    yy, xx = np.mgrid[0:24, 0:32]
-    img = np.empty((24, 32, 3), np.uint8)
-    img[..., 0] = (xx * 8 + int(east * 3)) % 256
-    img[..., 1] = (yy * 10 + int(north * 3)) % 256
-    img[..., 2] = int(heading_deg / 360 * 255) % 256
-    return img
+_render = pattern_frame
 
 
 @pytest.fixture(scope='module')

@@ -3,6 +3,7 @@
 import math
 from types import SimpleNamespace
 
+from frames import pattern_frame
 import numpy as np
 import pytest
 from rosbags.highlevel import AnyReader
@@ -198,14 +199,7 @@ def test_imu_is_earth_referenced_with_bias_and_gravity():
     assert np.all(imu.orientation_cov[:, 2, 2] > 0)
 
 
-def _render(east, north, heading_deg, pitch_deg=0.0, roll_deg=0.0):
-    """A deterministic 32x24 picture that depends on position and heading."""
-    yy, xx = np.mgrid[0:24, 0:32]
-    img = np.empty((24, 32, 3), np.uint8)
-    img[..., 0] = (xx * 8 + int(east * 3)) % 256
-    img[..., 1] = (yy * 10 + int(north * 3)) % 256
-    img[..., 2] = int(heading_deg / 360 * 255) % 256
-    return img
+_render = pattern_frame
 
 
 @pytest.fixture(scope='module')
