@@ -71,11 +71,16 @@ class GeoZoomLocalizer:
             the search's covariance).
         residual_cov: add the probability mass outside the hypotheses, spread over the
             searched region, to the covariance (see ``geozoom_ros.search``).
+        max_roots: on a map with more root cells than this, search only the ``max_roots``
+            roots the policy's cross-view embedding ranks best (see
+            ``geozoom_ros.shortlist``); 0 searches every root.
+        shortlist_level: the token level whose cells rank the roots (1: 16 cells per root).
         backend_options: keyword arguments for the backend (e.g. ``device='cuda'``).
     """
 
     def __init__(self, bundle_path, model_path, backend='auto', beam_width=8,
-                 method='zoom-beam', cov_scale=1.0, residual_cov=False, **backend_options):
+                 method='zoom-beam', cov_scale=1.0, residual_cov=False, max_roots=4,
+                 shortlist_level=1, **backend_options):
         if method not in METHODS:
             raise ConfigError(f'method {method!r} is unknown; use one of {", ".join(METHODS)}')
         if int(beam_width) < 1:
@@ -91,6 +96,15 @@ class GeoZoomLocalizer:
         self.beam_width = int(beam_width)
         self.cov_scale = float(cov_scale)
         self.residual_cov = bool(residual_cov)
+        if int(max_roots) < 0:
+            raise ConfigError(f'max_roots={max_roots} must be >= 0 (0 searches every root)')
+        self.max_roots = int(max_roots)
+        self.shortlist = None
+        if 0 < self.max_roots < len(self.bundle.roots):
+            from geozoom_ros.shortlist import load_aux_weights, RootShortlist
+
+            self.shortlist = RootShortlist(self.bundle, load_aux_weights(model_path),
+                                           level=shortlist_level)
 
     @property
     def heading_input(self):
@@ -99,10 +113,11 @@ class GeoZoomLocalizer:
 
     def search(self, g, prior=None):
         """Search the cell tree with a ground token ``g`` ``[D]``; return a SearchResult."""
+        kw = dict(prior=prior, residual=self.residual_cov, shortlist=self.shortlist,
+                  max_roots=self.max_roots)
         if self.method == 'zoom':
-            return greedy(self.backend, self.bundle, g, prior=prior, residual=self.residual_cov)
-        return beam(self.backend, self.bundle, g, width=self.beam_width, prior=prior,
-                    residual=self.residual_cov)
+            return greedy(self.backend, self.bundle, g, **kw)
+        return beam(self.backend, self.bundle, g, width=self.beam_width, **kw)
 
     def localize(self, image_rgb, heading_deg=None, prior=None):
         """Localise one frame; return a :class:`Fix`, or None when no cell can be reached.

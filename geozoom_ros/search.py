@@ -241,7 +241,17 @@ def _prior_start(bundle, prior, box):
     return 0, None, roots
 
 
-def _search(backend, bundle, g, width, per_root, prior, residual=False):
+def _shortlist_roots(roots, bundle, shortlist, g, max_roots):
+    """Return the ``max_roots`` of ``roots`` that ``shortlist`` ranks best for ``g``."""
+    index = {(r.x, r.y): i for i, r in enumerate(bundle.roots)}
+    scores = shortlist.root_scores(g)
+    s = np.array([scores[index[(r.x, r.y)]] for r in roots])
+    order = np.argsort(-s, kind='stable')[:max_roots]
+    return [roots[i] for i in order if np.isfinite(s[i])] or [roots[order[0]]]
+
+
+def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlist=None,
+            max_roots=0):
     k, steps = bundle.k, bundle.steps
     kk = k * k
     g = np.asarray(g, dtype=np.float32).reshape(1, -1)
@@ -256,6 +266,10 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False):
         level, start_cell, roots = _prior_start(bundle, prior, box)
     else:
         level, start_cell, roots = 0, None, list(bundle.roots)
+
+    roots_total = len(roots)
+    if start_cell is None and shortlist is not None and 0 < max_roots < len(roots):
+        roots = _shortlist_roots(roots, bundle, shortlist, g, int(max_roots))
 
     if start_cell is not None:
         root = roots[0]
@@ -360,10 +374,11 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False):
     cx0, cy0 = cell_center_merc(xs[:1], ys[:1], tz)
     lat, lon = merc_to_latlon(cx0[0], cy0[0])
     return SearchResult(hyps, (float(lat), float(lon)), cov, float(probs[0]), start, calls,
-                        {'roots_searched': len(roots), 'start_level': level, 'mass': mass})
+                        {'roots_searched': len(roots), 'roots_total': roots_total,
+                         'start_level': level, 'mass': mass})
 
 
-def greedy(backend, bundle, g, prior=None, residual=False):
+def greedy(backend, bundle, g, prior=None, residual=False, shortlist=None, max_roots=0):
     """Decode greedily (argmax at every level) from every root; return a SearchResult.
 
     ``g`` is the frame's ground token ``[D]`` or ``[1, D]``; ``prior`` a :class:`Prior` or
@@ -371,31 +386,37 @@ def greedy(backend, bundle, g, prior=None, residual=False):
     is decoded (one batched decoder call per level) and the roots are weighted by their path
     probabilities. ``residual=True`` adds the probability mass the hypotheses do not hold,
     spread uniformly over the searched region, to the covariance (an honest covariance for
-    low-confidence fixes; off by default). Returns None when no cell can be reached (every
-    child masked).
+    low-confidence fixes; off by default). With a
+    :class:`~geozoom_ros.shortlist.RootShortlist` and ``max_roots`` > 0, a map with more roots
+    than that searches only the ``max_roots`` the shortlist ranks best. Returns None when no
+    cell can be reached (every child masked).
     """
-    return _search(backend, bundle, g, 1, True, prior, residual)
+    return _search(backend, bundle, g, 1, True, prior, residual, shortlist, max_roots)
 
 
-def beam(backend, bundle, g, width=8, prior=None, residual=False):
+def beam(backend, bundle, g, width=8, prior=None, residual=False, shortlist=None,
+         max_roots=0):
     """Beam search keeping the ``width`` most probable partial paths; return a SearchResult.
 
     All roots start the beam; at each level the children of every live path are scored in one
-    batched decoder call and the ``width`` best by path probability survive. ``residual`` as
-    in :func:`greedy`. Returns None when no cell can be reached.
+    batched decoder call and the ``width`` best by path probability survive. ``residual``,
+    ``shortlist`` and ``max_roots`` as in :func:`greedy`. Returns None when no cell can be
+    reached.
     """
     width = int(width)
     if width < 1:
         raise InputError(f'beam width {width} must be >= 1')
-    return _search(backend, bundle, g, width, False, prior, residual)
+    return _search(backend, bundle, g, width, False, prior, residual, shortlist, max_roots)
 
 
-def search(backend, bundle, g, method='zoom-beam', width=8, prior=None, residual=False):
+def search(backend, bundle, g, method='zoom-beam', width=8, prior=None, residual=False,
+           shortlist=None, max_roots=0):
     """Run ``method`` ('zoom' = greedy, 'zoom-beam' = beam of ``width``)."""
+    kw = dict(prior=prior, residual=residual, shortlist=shortlist, max_roots=max_roots)
     if method == 'zoom':
-        return greedy(backend, bundle, g, prior=prior, residual=residual)
+        return greedy(backend, bundle, g, **kw)
     if method == 'zoom-beam':
-        return beam(backend, bundle, g, width=width, prior=prior, residual=residual)
+        return beam(backend, bundle, g, width=width, **kw)
     raise InputError(f'search method {method!r} is unknown; use zoom or zoom-beam')
 
 

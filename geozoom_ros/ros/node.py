@@ -148,7 +148,8 @@ class GeoZoomNode(Node):
             options = {'device': p.device} if p.device else {}
             localizer = GeoZoomLocalizer(p.bundle, p.model, backend=p.backend,
                                          beam_width=p.beam_width, method=p.method,
-                                         cov_scale=p.cov_scale, **options)
+                                         cov_scale=p.cov_scale, max_roots=p.max_roots,
+                                         shortlist_level=p.shortlist_level, **options)
         self.localizer = localizer
         if p.datum_source == 'map_center':
             w, s, e, n = localizer.bundle.bounds

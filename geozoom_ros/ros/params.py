@@ -57,6 +57,10 @@ class NodeParams:
                          high=256)
     cov_scale: float = _p(1.0, 'factor applied to the search covariance (calibration)',
                           low=0.0, low_open=True, high=1e6)
+    max_roots: int = _p(4, 'on maps with more root cells, search only this many, ranked by '
+                           'the cross-view embedding (0 = every root)', low=0, high=1 << 20)
+    shortlist_level: int = _p(1, 'token level whose cells rank the roots (1 = 16 per root)',
+                              low=0, high=16)
 
     image_topic: str = _p(topics.IMAGE_RAW, 'camera topic (Image, or CompressedImage with '
                                             'transport compressed)')

@@ -8,10 +8,12 @@ Three parts, measured in one run (ratios are what to read on a noisy machine):
    tracemalloc's Python allocations per frame after warm-up (onnxruntime backend).
 2. Scaling with map area (1, 100, 10 000 km2 by default): zoom beam search on in-memory bundles
    whose tokens are synthetic (drawn from a fixed pool: the search's cost does not depend on
-   token values), brute-force retrieval (numpy inner products) and FAISS (exact flat index and
-   an IVF index) over a synthetic gallery of one 64-float embedding per zoom ``root + 3 j``
-   cell (about 100 m at mid-latitudes, the retrieval baseline's crop). Latencies are also given
-   as ratios to the 1 km2 figure.
+   token values), once over every root and once with the root shortlist (the model's
+   cross-view embedding ranks the roots, the best ``max_roots`` are searched; see
+   ``geozoom_ros.shortlist``), brute-force retrieval (numpy inner products) and FAISS (exact
+   flat index and an IVF index) over a synthetic gallery of one 64-float embedding per zoom
+   ``root + 3 j`` cell (about 100 m at mid-latitudes, the retrieval baseline's crop).
+   Latencies are also given as ratios to the 1 km2 figure.
 3. Bundle bytes per km2 (tokens float16 + coverage, as the bundle format stores them; a loaded
    bundle is memory-mapped, so this bounds its resident memory) and the resident memory per
    km2 of the retrieval gallery (held in RAM, fully written: its size). Brute force uses
@@ -208,11 +210,12 @@ def _time(fn, repeats, min_s=0.0):
     return _pct(times)
 
 
-def scaling(backend, areas, beam=8, repeats=10, seed=0):
+def scaling(backend, areas, beam=8, repeats=10, seed=0, max_roots=4):
     """Return the scaling figures (see the module docstring) for map areas in km2."""
     import faiss
 
     from geozoom_ros.search import beam as beam_search
+    from geozoom_ros.shortlist import load_aux_weights, RootShortlist
 
     faiss.omp_set_num_threads(1)
     cfg = backend.config
@@ -223,6 +226,12 @@ def scaling(backend, areas, beam=8, repeats=10, seed=0):
         bundle, levels = synthetic_bundle(area, cfg, backend.model_hash)
         token_count = len(bundle.tokens)
         zoom = _time(lambda: beam_search(backend, bundle, g, width=beam), repeats)
+        t0 = time.perf_counter()
+        shortlist = RootShortlist(bundle, load_aux_weights(backend.model_path))
+        shortlist_build_ms = (time.perf_counter() - t0) * 1e3
+        zoom_short = _time(lambda: beam_search(backend, bundle, g, width=beam,
+                                               shortlist=shortlist, max_roots=max_roots),
+                           repeats)
         # Retrieval gallery: one embedding per cell of the level whose cells are ~100 m.
         gallery_level = levels[min(3, len(levels) - 1)]
         n = gallery_level.count
@@ -245,14 +254,17 @@ def scaling(backend, areas, beam=8, repeats=10, seed=0):
         bundle_bytes = token_count * cfg.embed_dim * 2 + token_count * 2
         rows.append({'area_km2': float(area), 'roots': len(bundle.roots),
                      'tokens': token_count, 'gallery': n,
-                     'zoom_beam_ms': zoom, 'brute_force_ms': brute, 'faiss_flat_ms': faiss_flat,
+                     'zoom_beam_ms': zoom, 'zoom_beam_shortlist_ms': zoom_short,
+                     'max_roots': int(max_roots), 'shortlist_build_ms': shortlist_build_ms,
+                     'brute_force_ms': brute, 'faiss_flat_ms': faiss_flat,
                      'faiss_ivf_ms': faiss_ivf, 'faiss_ivf_nlist': nlist,
                      'bundle_bytes': bundle_bytes,
                      'bundle_bytes_per_km2': bundle_bytes / float(area),
                      'gallery_resident_bytes_per_km2': gallery.nbytes / float(area)})
     base = rows[0]
     for row in rows:
-        for key in ('zoom_beam_ms', 'brute_force_ms', 'faiss_flat_ms', 'faiss_ivf_ms'):
+        for key in ('zoom_beam_ms', 'zoom_beam_shortlist_ms', 'brute_force_ms', 'faiss_flat_ms',
+                    'faiss_ivf_ms'):
             row[key.replace('_ms', '_ratio_p50')] = row[key]['p50'] / base[key]['p50']
     return rows
 
@@ -315,8 +327,10 @@ def _print(res):
     print(f'scaling (synthetic tokens/gallery, {res["scaling_backend"]}; p50 ms, x = ratio to '
           'the smallest area):')
     for r in res['scaling']:
-        print(f'  {r["area_km2"]:>8.0f} km2  roots {r["roots"]:>4}  zoom '
-              f'{r["zoom_beam_ms"]["p50"]:7.2f} ({r["zoom_beam_ratio_p50"]:.2f}x)  brute '
+        print(f'  {r["area_km2"]:>8.0f} km2  roots {r["roots"]:>4}  zoom all roots '
+              f'{r["zoom_beam_ms"]["p50"]:7.2f} ({r["zoom_beam_ratio_p50"]:.2f}x)  zoom '
+              f'shortlist {r["max_roots"]} {r["zoom_beam_shortlist_ms"]["p50"]:7.2f} '
+              f'({r["zoom_beam_shortlist_ratio_p50"]:.2f}x)  brute '
               f'{r["brute_force_ms"]["p50"]:8.3f} '
               f'({r["brute_force_ratio_p50"]:.1f}x)  faiss flat {r["faiss_flat_ms"]["p50"]:8.3f} '
               f'({r["faiss_flat_ratio_p50"]:.1f}x)  faiss ivf {r["faiss_ivf_ms"]["p50"]:6.3f} '
