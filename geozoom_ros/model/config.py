@@ -192,6 +192,10 @@ class TrainConfig:
     #: Weight of the auxiliary symmetric InfoNCE between the ground token and the token of the
     #: deepest cell view in the sequence (zoom method); 0 disables it.
     aux_contrastive_weight: float = 0.5
+    #: Which views the auxiliary InfoNCE pairs with the ground token: 'last' (the deepest view
+    #: of the sequence) or 'all' (one InfoNCE per level, averaged: every level's embedding is
+    #: then a trained cross-view match, which the root shortlist relies on at level 1).
+    aux_levels: str = 'last'
     #: 'auto' (bf16 on CUDA where supported, else fp16; off on CPU), 'bf16', 'fp16', 'off'.
     amp: str = 'auto'
     #: Validate (greedy decode, Recall@1 within 50 m) every N epochs; 0 = never.
@@ -244,6 +248,8 @@ class TrainConfig:
             raise ConfigError(f'{where}: val_frac must be in [0, 1)')
         if not 0 < self.aug_crop_min <= 1:
             raise ConfigError(f'{where}: aug_crop_min must be in (0, 1]')
+        if self.aux_levels not in ('last', 'all'):
+            raise ConfigError(f'{where}: aux_levels={self.aux_levels!r} must be last or all')
 
     def to_dict(self):
         """Return a JSON-ready dict."""

@@ -364,11 +364,18 @@ class TrainStep(torch.nn.Module):
         stats = {'ce': ce.detach(),
                  'acc': (logits.argmax(-1) == actions).float().mean().detach()}
         if tc.aux_contrastive_weight > 0:
-            last = view_idx[:, -1]
-            uniq, inv = torch.unique(last, return_inverse=True)
-            pos = inv[:, None] == torch.arange(len(uniq), device=inv.device)[None]
-            qa, ka = m.aux_embeddings(g, s[uniq])
-            aux = multi_positive_infonce(qa, ka, pos, m.aux_logit_scale.exp().clamp(max=100.0))
+            levels = range(view_idx.shape[1]) if tc.aux_levels == 'all' else [-1]
+            scale = m.aux_logit_scale.exp().clamp(max=100.0)
+            terms = []
+            for t in levels:
+                # Queries that share a view (same cell) are all positives of it.
+                uniq, inv = torch.unique(view_idx[:, t], return_inverse=True)
+                if len(uniq) < 2:
+                    continue  # one view (e.g. a single root): nothing to contrast
+                pos = inv[:, None] == torch.arange(len(uniq), device=inv.device)[None]
+                qa, ka = m.aux_embeddings(g, s[uniq])
+                terms.append(multi_positive_infonce(qa, ka, pos, scale))
+            aux = torch.stack(terms).mean() if terms else g.sum() * 0.0
             loss = loss + tc.aux_contrastive_weight * aux
             stats['aux'] = aux.detach()
         stats['loss'] = loss.detach()

@@ -11,6 +11,7 @@ import torch
 from geozoom_ros.cli import main as geozoom_main
 from geozoom_ros.model.config import TrainConfig, TrainPreset
 from geozoom_ros.model.io import load_model
+from geozoom_ros.model.retrieval import multi_positive_infonce
 from geozoom_ros.train.loop import (build_batch, load_data, lr_factor, param_groups,
                                     read_checkpoint, smoothed_masked_ce, train, TrainStep)
 
@@ -150,3 +151,44 @@ def test_cli_trains_retrieval_and_ddp_on_two_cpu_processes(world, tmp_path):
     assert state['world_size'] == 2 and state['global_step'] == 3  # 24 rows / (2 x 4)
     model = load_model(tmp_path / 'ddp')
     assert model.kind == 'retrieval' and model.config.heading_aligned
+
+
+@pytest.mark.parametrize('levels', ['last', 'all'])
+def test_auxiliary_infonce_over_the_chosen_levels(world, levels):
+    tiles, csv_path, _ = world
+    torch.manual_seed(0)
+    preset = _preset(aux_contrastive_weight=1.0, aux_levels=levels)
+    data = load_data([(tiles, csv_path)], preset, progress=False)
+    from geozoom_ros.model.policy import ZoomPolicy
+    model = ZoomPolicy(preset.model)
+    model.eval()
+    batch = build_batch(data, list(range(8)), torch.Generator().manual_seed(0), 'zoom')
+    loss, stats = TrainStep(model, 'zoom', preset.train)(batch)
+    assert torch.isfinite(loss) and float(stats['aux']) >= 0
+    # The loss is the cross-entropy plus the InfoNCE term(s) computed here by hand.
+    g = model.encode_ground(batch['ground'])
+    s = model.encode_map(batch['views'])
+    view_idx = batch['view_idx']
+    scale = model.aux_logit_scale.exp().clamp(max=100.0)
+    terms = []
+    for t in (range(view_idx.shape[1]) if levels == 'all' else [-1]):
+        uniq, inv = torch.unique(view_idx[:, t], return_inverse=True)
+        if len(uniq) > 1:
+            pos = inv[:, None] == torch.arange(len(uniq))[None]
+            qa, ka = model.aux_embeddings(g, s[uniq])
+            terms.append(multi_positive_infonce(qa, ka, pos, scale))
+    want = torch.stack(terms).mean() if terms else torch.tensor(0.0)
+    assert float(stats['aux']) == pytest.approx(float(want), rel=1e-5, abs=1e-6)
+    assert float(loss) == pytest.approx(float(stats['ce']) + float(want), rel=1e-5)
+
+
+def test_every_shipped_training_preset_loads():
+    from geozoom_ros.model.config import load_preset
+
+    presets = sorted((ROOT / 'config' / 'train').glob('*.yaml'))
+    assert len(presets) >= 4
+    for path in presets:
+        preset = load_preset(path)
+        preset.model.validate()
+        preset.train.validate(str(path))
+        assert preset.method in ('zoom', 'retrieval')
