@@ -131,6 +131,39 @@ def _backend_latency(backend, bundle_path, model, frames, warmup, beam, threads)
     return row, loc
 
 
+def compute_cost(model_path, beam=8):
+    """Return multiply-adds (millions) of the encoder per frame and of the decoder per search.
+
+    The encoder is counted by torch's FLOP counter on one ground frame. The decoder is counted
+    the same way on the first step of one path (ground and root tokens) and scaled to the
+    tokens a cached (key/value) beam search feeds it: 2 at the first step, then 2 per live
+    path and step (an action and a view token); attention over at most 2 * steps keys is
+    included in the first step's count and is a small part. This is what the search's decoder
+    must compute, whatever the backend; the latency ratio cannot fall much below it.
+    """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from geozoom_ros.model.io import load_model
+
+    model = load_model(model_path).eval()
+    cfg = model.config
+    w, h = cfg.ground_size
+    x = torch.zeros(1, 3, h, w)
+    d = cfg.embed_dim
+    with torch.no_grad():
+        with FlopCounterMode(display=False) as enc:
+            g = model.encode_ground(x, torch.zeros(1) if cfg.heading_input else None)
+        with FlopCounterMode(display=False) as dec:
+            model.step_logits(g, torch.zeros(1, 1, d), torch.zeros(1, 0, dtype=torch.long))
+    tokens = 2 + 2 * int(beam) * (cfg.steps - 1)
+    enc_mmac = enc.get_total_flops() / 2e6
+    dec_mmac = dec.get_total_flops() / 2e6 / 2 * tokens
+    return {'encoder_mmac_per_frame': enc_mmac, 'decoder_mmac_per_search': dec_mmac,
+            'decoder_tokens_per_search': tokens, 'decoder_over_encoder': dec_mmac / enc_mmac,
+            'embed_dim': d, 'decoder_layers': int(cfg.decoder_layers), 'steps': int(cfg.steps)}
+
+
 def _allocations(loc, frames=20):
     """Return tracemalloc figures per frame (after the warm-up the caller already did)."""
     images = _frames(4, seed=1)
@@ -300,6 +333,7 @@ def run_bench(model=None, bundle=None, frames=100, warmup=5, areas=(1, 100, 1000
                                      + '; '.join(out['unavailable'].values()))
         chosen = locs.get('onnxruntime') or next(iter(locs.values()))
         out['allocations'] = {'backend': chosen.backend.name, **_allocations(chosen)}
+        out['compute'] = compute_cost(model, beam)
         out['scaling_backend'] = chosen.backend.name
         out['scaling'] = scaling(chosen.backend, [float(a) for a in areas], beam,
                                  scaling_repeats)
@@ -319,6 +353,11 @@ def _print(res):
               f'rss growth {r["rss_growth_bytes"] / 1e6:.1f} MB over {r["frames"]} frames')
     for name, why in res['unavailable'].items():
         print(f'{name:<12} unavailable: {why}')
+    c = res['compute']
+    print(f'compute: encoder {c["encoder_mmac_per_frame"]:.1f} M multiply-adds per frame, '
+          f'decoder {c["decoder_mmac_per_search"]:.1f} M per search ({c["embed_dim"]} floats, '
+          f'{c["decoder_layers"]} layers, {c["decoder_tokens_per_search"]} tokens): '
+          f'{c["decoder_over_encoder"]:.2f} of the encoder')
     a = res['allocations']
     print(f'allocations ({a["backend"]}, after warm-up): peak '
           f'{a["peak_python_bytes_per_frame"]:.0f} B/frame, net '

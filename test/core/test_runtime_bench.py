@@ -43,6 +43,14 @@ def test_bench_reports_every_figure(world):
     assert big['max_roots'] == 4 and big['shortlist_build_ms'] > 0
     assert big['bundle_bytes_per_km2'] > 0 and big['gallery_resident_bytes_per_km2'] > 0
     assert res['bundle_bytes'] > 0
+    c = res['compute']
+    assert c['encoder_mmac_per_frame'] > 0
+    assert c['decoder_tokens_per_search'] == 2 + 2 * 8 * (c['steps'] - 1)
+    # A decoder token costs about 12 d^2 multiply-adds per layer (qkv, output projection and
+    # a SwiGLU of width 8d/3), attention over a handful of keys being small.
+    d, layers = c['embed_dim'], c['decoder_layers']
+    analytic = c['decoder_tokens_per_search'] * layers * 12 * d * d / 1e6
+    assert 0.9 * analytic < c['decoder_mmac_per_search'] < 1.5 * analytic
     json.dumps(res)
 
 
