@@ -43,7 +43,6 @@ from geozoom_ros.ros.conversions import compressed_msg_to_rgb, ConversionError, 
 from geozoom_ros.ros.gating import (compass_heading_deg, Gate, LatestFrame, prior_from_navsatfix,
                                     prior_from_odometry, PriorMonitor, RATE_WINDOW_S, rotate_cov,
                                     stamp_ns, Throttle, UNKNOWN_VARIANCE, yaw_from_quaternion)
-from geozoom_ros.search import Prior
 
 #: Problem kind -> the statistics counter it increments (kinds not listed count elsewhere).
 _COUNTERS = {'image': 'bad_images', 'prior': 'bad_priors', 'prior_block': 'frames_no_fix_prior',
@@ -418,25 +417,8 @@ class GeoZoomNode(Node):
                 self.get_logger().info('fixes agree with the prior again: prior search resumed')
 
     def _localize(self, rgb, heading, prior):
-        loc = self.localizer
-        if heading is not None or not loc.heading_input:
-            return loc.localize(rgb, heading_deg=heading, prior=prior)
-        # The policy's heading-free mode: a missing (NaN) heading adds no heading term.
-        from geozoom_ros.localizer import Fix
-        from geozoom_ros.runtime.base import check_images
-        t0 = time.perf_counter()
-        check_images([rgb])
-        prior = Prior.coerce(prior)
-        g = loc.backend.encode_ground([rgb], headings=[None])
-        t1 = time.perf_counter()
-        result = loc.search(g[0], prior=prior)
-        t2 = time.perf_counter()
-        if result is None:
-            return None
-        return Fix(result.estimate[0], result.estimate[1], result.cov_en * loc.cov_scale,
-                   result.confidence, result.cell, result.hypotheses,
-                   {'encoder': (t1 - t0) * 1e3, 'search': (t2 - t1) * 1e3,
-                    'total': (t2 - t0) * 1e3})
+        # Without a heading, a heading model runs in its heading-free mode (see localize()).
+        return self.localizer.localize(rgb, heading_deg=heading, prior=prior)
 
     # -- output ------------------------------------------------------------------------------
 
