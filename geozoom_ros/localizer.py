@@ -13,6 +13,7 @@ import time
 import numpy as np
 
 from geozoom_ros.bundle import load_bundle
+from geozoom_ros.calibration import resolve as calibration_resolve
 from geozoom_ros.errors import ConfigError, InputError
 from geozoom_ros.runtime.base import check_images
 from geozoom_ros.search import beam, greedy, Prior
@@ -67,20 +68,24 @@ class GeoZoomLocalizer:
         backend: 'auto', 'torch', 'onnxruntime', 'tensorrt', or a ready PolicyBackend.
         beam_width: width of the beam search (method 'zoom-beam').
         method: 'zoom-beam' (default) or 'zoom' (greedy).
-        cov_scale: factor applied to every published covariance (a calibration hook; 1 keeps
-            the search's covariance).
+        cov_scale: factor applied to every published covariance after the calibration (1
+            keeps it).
         residual_cov: add the probability mass outside the hypotheses, spread over the
             searched region, to the covariance (see ``geozoom_ros.search``).
         max_roots: on a map with more root cells than this, search only the ``max_roots``
             roots the policy's cross-view embedding ranks best (see
             ``geozoom_ros.shortlist``); 0 searches every root.
         shortlist_level: the token level whose cells rank the roots (1: 16 cells per root).
+        calibration: the covariance calibration (``geozoom_ros.calibration``): 'auto' uses
+            ``<model_dir>/calibration.json`` when present, None or False none, or a path to a
+            calibration.json (or a ready Calibration). It applies when it has an entry for
+            ``method``; a file fitted for another model raises MismatchError.
         backend_options: keyword arguments for the backend (e.g. ``device='cuda'``).
     """
 
     def __init__(self, bundle_path, model_path, backend='auto', beam_width=8,
                  method='zoom-beam', cov_scale=1.0, residual_cov=False, max_roots=4,
-                 shortlist_level=1, **backend_options):
+                 shortlist_level=1, calibration='auto', **backend_options):
         if method not in METHODS:
             raise ConfigError(f'method {method!r} is unknown; use one of {", ".join(METHODS)}')
         if int(beam_width) < 1:
@@ -105,6 +110,19 @@ class GeoZoomLocalizer:
 
             self.shortlist = RootShortlist(self.bundle, load_aux_weights(model_path),
                                            level=shortlist_level)
+        self.calibration = calibration_resolve(calibration, model_path,
+                                               getattr(self.backend, 'model_hash', None))
+        self.cov_model = self.calibration.model_for(method) if self.calibration else None
+
+    def fix_covariance(self, cov_en, confidence):
+        """Return the published 2x2 east/north covariance (m^2) of a search's covariance.
+
+        The calibration for this method (when there is one), then ``cov_scale``.
+        """
+        cov = np.asarray(cov_en, dtype=float)
+        if self.cov_model is not None:
+            cov = self.cov_model.apply(cov, confidence)
+        return cov * self.cov_scale
 
     @property
     def heading_input(self):
@@ -152,5 +170,6 @@ class GeoZoomLocalizer:
             return None
         latency = {'encoder': (t1 - t0) * 1e3, 'search': (t2 - t1) * 1e3,
                    'total': (t2 - t0) * 1e3}
-        return Fix(result.estimate[0], result.estimate[1], result.cov_en * self.cov_scale,
-                   result.confidence, result.cell, result.hypotheses, latency)
+        return Fix(result.estimate[0], result.estimate[1],
+                   self.fix_covariance(result.cov_en, result.confidence), result.confidence,
+                   result.cell, result.hypotheses, latency)

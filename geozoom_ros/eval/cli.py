@@ -1,15 +1,17 @@
-"""`geozoom index`, `geozoom eval` and `geozoom localize`.
+"""`geozoom index`, `geozoom eval`, `geozoom calibrate` and `geozoom localize`.
 
 Registration is cheap: torch and the evaluation engine are imported inside the commands.
 """
 
+from datetime import datetime, timezone
 import json
 import math
+from pathlib import Path
 import sys
 
 
 def register(sub):
-    """Add the index, eval and localize subcommands."""
+    """Add the index, eval, calibrate and localize subcommands."""
     p = sub.add_parser('index', help='encode every map view a model can visit into a bundle',
                        description='Encode every cell view the zoom policy can visit over a map '
                                    'into a map bundle (manifest + memory-mapped float16 '
@@ -57,9 +59,43 @@ def register(sub):
     p.add_argument('--gt-topic', default='/gps/fix_truth', help='bag ground-truth NavSatFix')
     p.add_argument('--backend', default='auto', help='auto, torch, onnxruntime, tensorrt')
     p.add_argument('--device', default='cpu')
+    _calibration_args(p)
+    p.add_argument('--report', '--plots', dest='report', default=None, metavar='DIR',
+                   help='also write summary.json, summary.md and the gate precision/recall '
+                        'plot gate_pr.png into DIR')
     p.add_argument('--json', action='store_true', help='print one JSON object')
     p.add_argument('--no-progress', action='store_true')
     p.set_defaults(func=_eval)
+
+    p = sub.add_parser('calibrate', help='fit the covariance calibration of a model',
+                       description='Localise every query of a validation split, fit the '
+                                   'covariance calibration cov = a * search_cov + (b0^2 + '
+                                   'b1^2 (1 - confidence)) I by maximum likelihood of the '
+                                   'east/north errors, and write it to calibration.json beside '
+                                   'the model (other methods\' entries are kept). Prints the '
+                                   'parameters and the NEES before and after.')
+    p.add_argument('--bundle', required=True, metavar='BUNDLE')
+    p.add_argument('--model', required=True, metavar='MODEL')
+    p.add_argument('--data', required=True, metavar='index.csv|drive.mcap')
+    p.add_argument('--split', default='val', help='index.csv split to fit on (default: val)')
+    p.add_argument('--method', default='zoom-beam', choices=('zoom', 'zoom-beam'))
+    p.add_argument('--beam-width', type=int, default=8)
+    p.add_argument('--residual-cov', action='store_true',
+                   help='calibrate the covariance that counts the probability outside the '
+                        'hypotheses (use the same flag when localising)')
+    p.add_argument('--single-gaussian', action='store_true',
+                   help='fit one Gaussian to every error instead of a Gaussian for the fixes '
+                        'near the truth plus a broad one for far misses')
+    p.add_argument('--limit', type=int, default=None, help='use at most N queries')
+    p.add_argument('-o', '--output', default=None, metavar='calibration.json',
+                   help='where to write (default: MODEL/calibration.json)')
+    p.add_argument('--image-topic', default=None, help='bag image topic (default: auto)')
+    p.add_argument('--gt-topic', default='/gps/fix_truth', help='bag ground-truth NavSatFix')
+    p.add_argument('--backend', default='auto', help='auto, torch, onnxruntime, tensorrt')
+    p.add_argument('--device', default='cpu')
+    p.add_argument('--json', action='store_true', help='print one JSON object')
+    p.add_argument('--no-progress', action='store_true')
+    p.set_defaults(func=_calibrate)
 
     p = sub.add_parser('localize', help='localise images and print lat, lon, covariance')
     p.add_argument('--bundle', required=True, metavar='BUNDLE')
@@ -72,10 +108,20 @@ def register(sub):
                    help='count the probability outside the hypotheses in the covariance')
     p.add_argument('--prior', default=None, metavar='LAT,LON,SIGMA_M',
                    help='restrict the search around a position (sigma in metres)')
+    _calibration_args(p)
     p.add_argument('--backend', default='auto')
     p.add_argument('--device', default='cpu')
     p.add_argument('--json', action='store_true', help='print one JSON object per image')
     p.set_defaults(func=_localize)
+
+
+def _calibration_args(p):
+    g = p.add_mutually_exclusive_group()
+    g.add_argument('--calibration', default='auto', metavar='calibration.json',
+                   help='covariance calibration to apply (default: MODEL/calibration.json '
+                        'when present)')
+    g.add_argument('--no-calibration', dest='calibration', action='store_const', const=None,
+                   help="publish the search's own covariance")
 
 
 def _positive(name, value, allow_none=True):
@@ -108,7 +154,8 @@ def _index(args):
 
 def _eval(args):
     from geozoom_ros.errors import InputError
-    from geozoom_ros.eval.evaluate import EvalOptions, evaluate, read_queries
+    from geozoom_ros.eval.evaluate import (calibration_for, EvalOptions, read_queries,
+                                           run_queries, summarize_run)
 
     _positive('--beam-width', args.beam_width, allow_none=False)
     _positive('--prior-sigma-m', args.prior_sigma_m)
@@ -128,10 +175,17 @@ def _eval(args):
                        prior_sigma_m=args.prior_sigma_m, seed=args.seed, backend=args.backend,
                        device=args.device, knn_index=knn_index,
                        residual_cov=args.residual_cov,
-                       progress=not args.no_progress and not args.json)
-    summary = evaluate(args.bundle, args.model, queries, opts, skipped)
+                       progress=not args.no_progress and not args.json,
+                       calibration=args.calibration)
+    calibration = calibration_for(args.model, opts)
+    run = run_queries(args.bundle, args.model, queries, opts)
+    summary = summarize_run(run, opts, skipped, calibration)
     summary['split'] = args.split
     summary['data'] = str(args.data)
+    if args.report:
+        from geozoom_ros.eval.report import write_eval_report
+
+        write_eval_report(summary, run.confidence, run.errors_m(), args.report)
     if args.json:
         print(json.dumps(summary, allow_nan=False))
         return 0
@@ -139,10 +193,10 @@ def _eval(args):
     return 0
 
 
-def _fmt(v, unit='', pct=False):
+def _fmt(v, unit='', pct=False, digits=1):
     if v is None:
         return '-'
-    return f'{100 * v:.1f}%' if pct else f'{v:.1f}{unit}'
+    return f'{100 * v:.1f}%' if pct else f'{v:.{digits}f}{unit}'
 
 
 def _print_summary(s):
@@ -155,7 +209,14 @@ def _print_summary(s):
     print(f'  median error {_fmt(s["median_error_m"], " m")}, p90 {_fmt(s["p90_error_m"], " m")}')
     if s.get('nees_mean') is not None:
         print(f'  NEES mean {s["nees_mean"]:.2f} (2 = consistent), within 100 m '
-              f'{_fmt(s.get("nees_mean_within_100m"))}')
+              f'{_fmt(s.get("nees_mean_within_100m"), digits=2)}'
+              + ('' if s.get('calibration') is None else
+                 f'; uncalibrated {_fmt(s.get("nees_raw_mean"), digits=2)}, within 100 m '
+                 f'{_fmt(s.get("nees_raw_mean_within_100m"), digits=2)}'))
+    if 'gate_average_precision' in s:
+        print(f'  confidence gate: average precision {_fmt(s["gate_average_precision"], digits=3)}'
+              f' for fixes within {s["gate_distance_m"]:g} m (a gate without information: '
+              f'{_fmt(s["gate_base_rate"], digits=3)})')
     if s.get('step_accuracy'):
         acc = ', '.join(_fmt(a, pct=True) for a in s['step_accuracy'])
         print(f'  step accuracy given the true path: {acc}   '
@@ -184,7 +245,8 @@ def _localize(args):
     prior = _parse_prior(args.prior) if args.prior else None
     loc = GeoZoomLocalizer(args.bundle, args.model, backend=args.backend,
                            beam_width=args.beam_width, method=args.method,
-                           residual_cov=args.residual_cov, device=args.device)
+                           residual_cov=args.residual_cov, calibration=args.calibration,
+                           device=args.device)
     for path in args.images:
         bgr = cv2.imread(path, cv2.IMREAD_COLOR)
         if bgr is None:
@@ -208,3 +270,75 @@ def _localize(args):
                   f'sigma {fix.sigma_m:.1f} m  confidence {fix.confidence:.3f}  '
                   f'({fix.latency_ms["total"]:.0f} ms)')
     return 0
+
+
+def _calibrate(args):
+    from geozoom_ros import calibration as C
+    from geozoom_ros.errors import InputError
+    from geozoom_ros.eval.evaluate import EvalOptions, read_queries, run_queries
+
+    _positive('--beam-width', args.beam_width, allow_none=False)
+    _positive('--limit', args.limit)
+    out = Path(args.output) if args.output else C.calibration_path(args.model)
+    if out.is_dir():
+        raise InputError(f'-o {out} is a folder; pass the calibration.json file to write')
+    queries, skipped = read_queries(args.data, args.split, args.limit, args.image_topic,
+                                    args.gt_topic)
+    if skipped:
+        print(f'geozoom calibrate: skipped {skipped} row(s) with a missing image or an '
+              'invalid position', file=sys.stderr)
+    opts = EvalOptions(method=args.method, beam_width=args.beam_width, backend=args.backend,
+                       device=args.device, residual_cov=args.residual_cov, calibration=None,
+                       step_accuracy=False, progress=not args.no_progress and not args.json)
+    run = run_queries(args.bundle, args.model, queries, opts)
+    err_en = run.errors_en()
+    model = C.fit(err_en, run.cov_en, run.confidence, outliers=not args.single_gaussian)
+    before = C.nees_summary(err_en, run.cov_en)
+    after = C.nees_summary(err_en, model.apply(run.cov_en, run.confidence))
+    info = {'data': str(args.data), 'split': args.split, 'n': before['n'],
+            'beam_width': args.beam_width if args.method == 'zoom-beam' else None,
+            'residual_cov': bool(args.residual_cov),
+            'family': 'single-gaussian' if args.single_gaussian else 'gaussian+outliers',
+            'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
+            'nees_raw': before, 'nees_calibrated': after}
+    cal = _existing(out, run.model_sha256)
+    cal.models[args.method] = model
+    cal.info[args.method] = info
+    C.save(cal, out)
+    if args.json:
+        from geozoom_ros.eval.metrics import json_ready
+
+        res = {'path': str(out), 'method': args.method, 'model_sha256': run.model_sha256,
+               'parameters': model.to_dict(), **info}
+        print(json.dumps(json_ready(res), allow_nan=False))
+        return 0
+    print(f'calibration {out} ({args.method}, model {run.model_sha256[:8]}, {before["n"]} '
+          f'fixes of {args.split or args.data}):')
+    print(f'  cov = {model.a:.4g} * search_cov + ({model.b0_m:.2f}^2 + {model.b1_m:.2f}^2 '
+          '* (1 - confidence)) * I   [m^2]')
+    if model.outlier_sigma_m is not None:
+        print(f'  far misses: {100 * model.outlier_share:.1f}% of fixes, spread '
+              f'{model.outlier_sigma_m:.0f} m per axis (not in the published covariance)')
+    for name, d in (('before', before), ('after', after)):
+        print(f'  NEES {name:6s}: mean {_fmt(d["nees_mean"], digits=2)}, within 100 m '
+              f'{_fmt(d["nees_mean_within_100m"], digits=2)} ({d["n_within_100m"]} fixes; '
+              '2 = consistent)')
+    return 0
+
+
+def _existing(path, model_sha256):
+    """Return the calibration at ``path`` to extend, or a new one for this model."""
+    from geozoom_ros import calibration as C
+    from geozoom_ros.errors import GeoZoomError
+
+    if Path(path).is_file():
+        try:
+            cal = C.load(path)
+        except GeoZoomError as exc:
+            print(f'geozoom calibrate: replacing {path}: {exc}', file=sys.stderr)
+        else:
+            if cal.model_sha256 == model_sha256:
+                return cal
+            print(f'geozoom calibrate: replacing {path}: it was fitted for model '
+                  f'{str(cal.model_sha256)[:8]}', file=sys.stderr)
+    return C.Calibration({}, model_sha256, {})

@@ -13,6 +13,12 @@ The methods:
   embedding (no map at all).
 
 Each query's latency is measured as a single-frame pass (encoder + search), as a robot runs it.
+
+Covariances: when the model folder holds a ``calibration.json`` (``geozoom calibrate``; see
+``geozoom_ros.calibration``) with an entry for the method, ``nees_mean`` scores the calibrated
+covariance a localizer publishes; the summary always carries ``nees_raw_*`` (the method's own)
+and ``nees_calibrated_*`` too, and the confidence gate's precision/recall and average precision
+for fixes within 50 m.
 """
 
 import csv
@@ -309,10 +315,76 @@ class EvalOptions:
     top_k: int = 8
     residual_cov: bool = False
     progress: bool = True
+    calibration: object = 'auto'
+    step_accuracy: bool = True
+
+
+@dataclass
+class Run:
+    """Per-query outcome of :func:`run_queries` (``N`` queries).
+
+    Attributes:
+        method: the method run.
+        truth: ``[N, 2]`` true (lat, lon) degrees.
+        estimate: ``[N, 2]`` estimated (lat, lon) degrees (NaN without a fix).
+        cov_en: ``[N, 2, 2]`` the method's own east/north covariance, m^2 (NaN without a fix).
+        confidence: ``[N]`` the method's confidence (0 without a fix).
+        latency_ms: per-query latencies (queries with a readable image).
+        step_correct: ``[N, steps]`` teacher-forced step correctness, or None.
+        bundle: the loaded map bundle.
+        model_sha256: hash of the model that ran.
+        unreadable: queries whose image could not be read.
+        extra: method-specific figures for the summary.
+    """
+
+    method: str
+    truth: np.ndarray
+    estimate: np.ndarray
+    cov_en: np.ndarray
+    confidence: np.ndarray
+    latency_ms: list
+    step_correct: np.ndarray
+    bundle: object
+    model_sha256: str
+    unreadable: int
+    extra: dict
+
+    def errors_m(self):
+        """Return ``[N]`` geodesic errors in metres (``inf`` without a fix)."""
+        return metrics.error_m(self.estimate[:, 0], self.estimate[:, 1], self.truth[:, 0],
+                               self.truth[:, 1])
+
+    def errors_en(self):
+        """Return ``[N, 2]`` east/north offsets (m) of the truth from each estimate."""
+        return metrics.error_en(self.estimate[:, 0], self.estimate[:, 1], self.truth[:, 0],
+                                self.truth[:, 1])
 
 
 def evaluate(bundle_path, model_path, queries, options, skipped=0):
-    """Run ``options.method`` on ``queries``; return the summary dict (see metrics.summarize)."""
+    """Run ``options.method`` on ``queries``; return the summary dict (see summarize_run)."""
+    calibration = calibration_for(model_path, options)
+    run = run_queries(bundle_path, model_path, queries, options)
+    return summarize_run(run, options, skipped, calibration)
+
+
+def calibration_for(model_path, options):
+    """Return the Calibration ``options.calibration`` names for this model, or None.
+
+    'auto' takes ``<model_dir>/calibration.json`` when present; None/False turns it off; a
+    path names a file. Checked before any query runs: a file fitted for another model raises
+    MismatchError.
+    """
+    from geozoom_ros import calibration as C
+    from geozoom_ros.model.io import model_hash
+
+    cal = C.resolve(options.calibration, model_path)
+    if cal is not None and cal.model_sha256:
+        cal.check_model(model_hash(model_path))
+    return cal
+
+
+def run_queries(bundle_path, model_path, queries, options):
+    """Run ``options.method`` on ``queries``; return the per-query :class:`Run`."""
     from tqdm import tqdm
 
     method = options.method
@@ -370,16 +442,20 @@ def evaluate(bundle_path, model_path, queries, options, skipped=0):
             est[i] = res.estimate
             covs[i] = res.cov_en
             conf[i] = res.confidence
-        sc = np.full((n, bundle.steps), np.nan)
-        idx = np.flatnonzero(have_g)
-        if idx.size:
-            sc[idx] = zoom_step_correct(backend, bundle, gs[idx], truth[idx, 0], truth[idx, 1])
-        step_correct = sc
+        if options.step_accuracy:
+            sc = np.full((n, bundle.steps), np.nan)
+            idx = np.flatnonzero(have_g)
+            if idx.size:
+                sc[idx] = zoom_step_correct(backend, bundle, gs[idx], truth[idx, 0],
+                                            truth[idx, 1])
+            step_correct = sc
         extra['prior_outside_map'] = prior_misses
+        model_sha256 = backend.model_hash
     else:
         from geozoom_ros.runtime.torch_backend import TorchRetrieval
 
         retr = TorchRetrieval(model_path, device=options.device)
+        model_sha256 = retr.model_hash
         bundle = load_bundle(bundle_path)
         scale = _retrieval_scale(retr)
         if method in ('retrieval', 'sim-zoom'):
@@ -460,23 +536,50 @@ def evaluate(bundle_path, model_path, queries, options, skipped=0):
             covs[i] = cov
             conf[i] = c
 
-    errors = metrics.error_m(est[:, 0], est[:, 1], truth[:, 0], truth[:, 1])
-    err_en = metrics.error_en(est[:, 0], est[:, 1], truth[:, 0], truth[:, 1])
-    nees_values = metrics.nees(err_en, covs)
-    summary = metrics.summarize(errors, nees_values, step_correct, lat_ms, conf, k=bundle.k,
-                                steps=bundle.steps, area_m2=bundle.area_m2)
+    return Run(method, truth, est, covs, conf, lat_ms, step_correct, bundle, model_sha256,
+               unreadable, extra)
+
+
+def summarize_run(run, options, skipped=0, calibration=None):
+    """Return the summary dict of a :class:`Run` (see metrics.summarize), JSON-ready.
+
+    NEES: ``nees_mean`` / ``nees_mean_within_100m`` score the covariance a localizer would
+    publish (calibrated when ``calibration`` has an entry for the method); ``nees_raw_*`` the
+    search's own and ``nees_calibrated_*`` the calibrated one (None without calibration).
+    The gate figures score the method's confidence against fixes within 50 m.
+    """
+    bundle, method = run.bundle, run.method
+    errors = run.errors_m()
+    err_en = run.errors_en()
+    raw = metrics.nees(err_en, run.cov_en)
+    model = calibration.model_for(method) if calibration is not None else None
+    cal = metrics.nees(err_en, model.apply(run.cov_en, run.confidence)) \
+        if model is not None else None
+    summary = metrics.summarize(errors, raw if cal is None else cal, run.step_correct,
+                                run.latency_ms, run.confidence, k=bundle.k, steps=bundle.steps,
+                                area_m2=bundle.area_m2,
+                                gate_thresholds=metrics.gate_thresholds_for(run.confidence))
     summary = {'method': method, **summary}
-    if step_correct is not None:
+    near = errors <= 100.0
+    for name, v in (('raw', raw), ('calibrated', cal)):
+        fin = None if v is None else np.isfinite(v)
+        summary[f'nees_{name}_mean'] = None if v is None else metrics.mean_finite(v)
+        summary[f'nees_{name}_mean_within_100m'] = None if v is None else \
+            metrics.mean_finite(v[fin & near])
+    summary['calibration'] = None if model is None else {
+        'path': str(calibration.path) if calibration.path else None, **model.to_dict()}
+    if run.step_correct is not None:
         summary['chance']['step_accuracy_uniform'] = summary['chance']['step_accuracy']
-        summary['chance']['step_accuracy'] = step_chance(bundle, truth[:, 0], truth[:, 1])
+        summary['chance']['step_accuracy'] = step_chance(bundle, run.truth[:, 0],
+                                                         run.truth[:, 1])
     summary['skipped_rows'] = int(skipped)
-    summary['unreadable_images'] = int(unreadable)
+    summary['unreadable_images'] = int(run.unreadable)
     summary['beam_width'] = options.beam_width if method == 'zoom-beam' else None
     summary['prior_sigma_m'] = options.prior_sigma_m
     summary['residual_cov'] = options.residual_cov if method in ('zoom', 'zoom-beam') else None
     summary['map_area_km2'] = bundle.area_m2 / 1e6
-    summary.update(metrics.json_ready(extra))
-    return summary
+    summary.update(run.extra)
+    return metrics.json_ready(summary)
 
 
 def _sim_zoom(bundle, level_vecs, e, scale):

@@ -149,9 +149,72 @@ def gate_curve(confidence, correct, thresholds=None):
     return curve
 
 
+def gate_thresholds_for(confidence):
+    """Return gate thresholds: 0, 0.05 .. 0.95 and the deciles of the finite confidences.
+
+    The deciles (rounded to 4 decimals) resolve the curve where a model's confidences
+    actually lie, which is often far below 0.5.
+    """
+    grid = [0.0] + [round(0.05 * i, 2) for i in range(1, 20)]
+    conf = _arr(confidence)
+    conf = conf[np.isfinite(conf)]
+    if conf.size:
+        grid += [round(float(q), 4) for q in np.quantile(conf, np.linspace(0.1, 0.9, 9))]
+    return sorted(set(grid))
+
+
+def precision_recall(confidence, correct):
+    """Return the gate's precision/recall at every distinct confidence, most confident first.
+
+    A gate publishes the fixes whose confidence is >= a threshold. For each distinct
+    confidence value ``t`` (descending) this returns ``(thresholds, precision, recall)``
+    arrays: precision = right fixes among those published, recall = published right fixes
+    among all right ones. Missing confidences (NaN) are never published. Empty arrays when no
+    query has a finite confidence.
+    """
+    conf = _arr(confidence)
+    ok = np.asarray(correct, dtype=bool).ravel()
+    if conf.shape != ok.shape:
+        raise ValueError(f'{conf.size} confidences for {ok.size} correct flags')
+    fin = np.isfinite(conf)
+    conf, right = conf[fin], ok[fin]
+    n_ok = int(ok.sum())
+    if conf.size == 0:
+        return np.zeros(0), np.zeros(0), np.zeros(0)
+    order = np.argsort(-conf, kind='stable')
+    conf, right = conf[order], right[order]
+    tp = np.cumsum(right)
+    # The last index of each run of equal confidences: a threshold publishes the whole run.
+    last = np.flatnonzero(np.r_[conf[1:] != conf[:-1], True])
+    published = last + 1
+    precision = tp[last] / published
+    recall = tp[last] / n_ok if n_ok else np.full(len(last), np.nan)
+    return conf[last], precision.astype(float), np.asarray(recall, dtype=float)
+
+
+def average_precision(confidence, correct):
+    """Return the gate's average precision: ``sum_k (R_k - R_{k-1}) P_k`` over thresholds.
+
+    The area under the step precision/recall curve of :func:`precision_recall` (recall from 0),
+    as in information retrieval. A confidence that carries no information scores the share of
+    right fixes; a perfect ranking scores 1. NaN when no fix is right.
+    """
+    _, p, r = precision_recall(confidence, correct)
+    if r.size == 0 or not np.all(np.isfinite(r)):
+        return float('nan')
+    return float(np.sum(np.diff(np.r_[0.0, r]) * p))
+
+
 def summarize(errors_m, nees_values=None, step_correct=None, latencies_ms=None,
-              confidence=None, k=4, steps=4, area_m2=None, gate_distance_m=50.0):
-    """Return the evaluation summary dict (JSON-ready: non-finite values become None)."""
+              confidence=None, k=4, steps=4, area_m2=None, gate_distance_m=50.0,
+              gate_thresholds=None):
+    """Return the evaluation summary dict (JSON-ready: non-finite values become None).
+
+    With ``confidence``, the gate figures: ``gate`` (precision/recall/published share at
+    ``gate_thresholds``, default :func:`gate_curve`'s), ``gate_average_precision`` and
+    ``gate_base_rate`` (the share of fixes within ``gate_distance_m``: what a gate that
+    knows nothing reaches).
+    """
     e = np.nan_to_num(_arr(errors_m), nan=np.inf, posinf=np.inf)
     out = {'n': int(e.size)}
     for d in RECALL_DISTANCES_M:
@@ -179,8 +242,11 @@ def summarize(errors_m, nees_values=None, step_correct=None, latencies_ms=None,
     for d in RECALL_DISTANCES_M:
         out['chance'][f'recall@{d:g}m'] = chance_recall(d, area_m2)
     if confidence is not None:
-        out['gate'] = gate_curve(confidence, e <= gate_distance_m)
+        right = e <= gate_distance_m
+        out['gate'] = gate_curve(confidence, right, thresholds=gate_thresholds)
         out['gate_distance_m'] = gate_distance_m
+        out['gate_average_precision'] = average_precision(confidence, right)
+        out['gate_base_rate'] = float(np.mean(right)) if right.size else float('nan')
     return json_ready(out)
 
 

@@ -456,3 +456,124 @@ def write_report(ev, out_dir, map_path=None):
     metrics['map_background'] = str(map_path) if map_path else None
     atomic_write_text(out / 'metrics.json', json.dumps(metrics, indent=1) + '\n')
     return atomic_write_text(out / 'report.md', _markdown(metrics, figures))
+
+
+# --------------------------------------------------------------------------------------------
+# The query-set report of `geozoom eval --report DIR`
+
+EVAL_FIGURES = ('gate_pr.png',)
+
+
+def plot_gate_pr(confidence, errors_m, path, distance_m=50.0, title=None):
+    """Write the confidence gate's precision/recall curve for fixes within ``distance_m``.
+
+    Left: precision against recall over every confidence threshold, with the share of right
+    fixes (what a gate without information reaches) and the average precision. Right:
+    precision, recall and the published share against the threshold.
+    """
+    from geozoom_ros.eval import metrics as M
+
+    plt = _pyplot()
+    conf = np.asarray(confidence, dtype=float)
+    e = np.nan_to_num(np.asarray(errors_m, dtype=float), nan=np.inf)
+    right = e <= distance_m
+    thr, prec, rec = M.precision_recall(conf, right)
+    ap = M.average_precision(conf, right)
+    base = float(np.mean(right)) if right.size else float('nan')
+    fig, (ax, ax2) = plt.subplots(1, 2, figsize=(11.5, 4.8))
+    if thr.size and np.all(np.isfinite(rec)):
+        ax.step(np.r_[0.0, rec], np.r_[prec[0], prec], where='pre', color=_C['pub'], lw=2.0,
+                label=f'confidence gate (AP {ap:.3f})')
+        for q in (0.1, 0.5, 0.9):
+            i = min(len(thr) - 1, int(q * (len(thr) - 1)))
+            right = rec[i] > 0.8
+            ax.annotate(f'c >= {thr[i]:.3g}', (rec[i], prec[i]), textcoords='offset points',
+                        xytext=(-6 if right else 6, 6), ha='right' if right else 'left',
+                        fontsize=8)
+            ax.plot(rec[i], prec[i], 'o', color=_C['pub'], ms=4)
+        ax.axhline(base, color=_C['gated'], ls='--', lw=1.2,
+                   label=f'no information ({100 * base:.1f} % right)')
+        ax.legend(loc='upper right', fontsize=9, framealpha=0.9)
+        order = np.argsort(thr)
+        pub = np.array([np.mean(conf >= t) for t in thr[order]])
+        ax2.plot(thr[order], prec[order], color=_C['pub'], lw=2.0, label='precision')
+        ax2.plot(thr[order], rec[order], color=_C['fused'], lw=2.0, label='recall')
+        ax2.plot(thr[order], pub, color=_C['gated'], lw=1.5, ls=':',
+                 label='published share of queries')
+        ax2.legend(loc='best', fontsize=9, framealpha=0.9)
+    else:
+        ax.text(0.5, 0.5, f'no fix within {distance_m:g} m: no curve', transform=ax.transAxes,
+                ha='center', va='center')
+    ax.set_xlim(0, 1.02)
+    ax.set_ylim(0, 1.02)
+    ax.set_xlabel(f'recall (share of the fixes within {distance_m:g} m that pass)')
+    ax.set_ylabel(f'precision (passing fixes within {distance_m:g} m)')
+    ax.set_title(title or 'Confidence gate: precision / recall')
+    ax2.set_ylim(0, 1.02)
+    ax2.set_xlabel('confidence threshold')
+    ax2.set_ylabel('fraction')
+    ax2.set_title('Against the threshold')
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def eval_summary_rows(summary):
+    """Return ``[(name, value text)]``: the headline figures of a ``geozoom eval`` summary."""
+    s = summary
+    rows = [('method', str(s.get('method'))), ('queries (fixes)', f'{s.get("n")} '
+                                                                  f'({s.get("fixes")})')]
+    ch = s.get('chance') or {}
+    for d in RECALL_DISTANCES_M:
+        rows.append((f'recall within {d:g} m', f'{_f(s.get(f"recall@{d:g}m"), pct=True)} '
+                     f'(chance {_f(ch.get(f"recall@{d:g}m"), pct=True)})'))
+    rows.append(('median / p90 error', f'{_f(s.get("median_error_m"))} / '
+                                       f'{_f(s.get("p90_error_m"))} m'))
+    rows.append(('NEES mean, uncalibrated (all / within 100 m)',
+                 f'{_f(s.get("nees_raw_mean"), digits=2)} / '
+                 f'{_f(s.get("nees_raw_mean_within_100m"), digits=2)}'))
+    rows.append(('NEES mean, calibrated (all / within 100 m)',
+                 f'{_f(s.get("nees_calibrated_mean"), digits=2)} / '
+                 f'{_f(s.get("nees_calibrated_mean_within_100m"), digits=2)}'))
+    if 'gate_average_precision' in s:
+        rows.append((f'gate average precision (within {s.get("gate_distance_m", 50):g} m)',
+                     f'{_f(s.get("gate_average_precision"), digits=3)} (no information: '
+                     f'{_f(s.get("gate_base_rate"), digits=3)})'))
+    if s.get('step_accuracy'):
+        rows.append(('step accuracy given the true path',
+                     ' / '.join(_f(a, pct=True) for a in s['step_accuracy'])))
+    rows.append(('latency p50 / p95', f'{_f(s.get("latency_ms_p50"))} / '
+                                      f'{_f(s.get("latency_ms_p95"))} ms'))
+    return rows
+
+
+def write_eval_report(summary, confidence, errors_m, out_dir):
+    """Write ``summary.json``, ``summary.md`` and ``gate_pr.png`` into ``out_dir``.
+
+    ``summary`` is a ``geozoom eval`` summary; ``confidence`` and ``errors_m`` (metres) the
+    per-query values the gate curve is drawn from. Returns the markdown file's path.
+    """
+    out = Path(out_dir)
+    if out.exists() and not out.is_dir():
+        from geozoom_ros.errors import InputError
+        raise InputError(f'--report {out} is a file; pass a folder')
+    out.mkdir(parents=True, exist_ok=True)
+    d = summary.get('gate_distance_m') or 50.0
+    title = f'Confidence gate, {summary.get("method")}: fixes within {d:g} m'
+    plot_gate_pr(confidence, errors_m, out / 'gate_pr.png', distance_m=d, title=title)
+    summary = json_ready({**summary, 'figures': list(EVAL_FIGURES)})
+    atomic_write_text(out / 'summary.json', json.dumps(summary, indent=1) + '\n')
+    cal = summary.get('calibration')
+    lines = ['# geozoom eval', '',
+             f'- data: `{summary.get("data")}`, split `{summary.get("split")}`',
+             '- covariance calibration: ' + (
+                 'none' if not cal else
+                 f'`{cal.get("path")}` (a {cal["a"]:.4g}, b0 {cal["b0_m"]:.2f} m, b1 '
+                 f'{cal["b1_m"]:.2f} m)'),
+             '', '| figure | value |', '|---|---|']
+    lines += [f'| {k} | {v} |' for k, v in eval_summary_rows(summary)]
+    lines += ['', 'NEES is the 2-D normalised estimation error squared (2 = consistent). The '
+              'gate publishes fixes whose confidence is at least a threshold: precision is the '
+              f'share of published fixes within {d:g} m, recall the share of fixes within '
+              f'{d:g} m that are published. Full figures: [summary.json](summary.json).', '',
+              '## Confidence gate', '', '![Confidence gate precision/recall](gate_pr.png)', '']
+    return atomic_write_text(out / 'summary.md', '\n'.join(lines))

@@ -148,3 +148,62 @@ def test_eval_bad_input_is_one_line_exit_2(world, capsys, argv_tail, message):
     assert main(argv + ['--json']) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith('geozoom eval: error:') and message in err[-1]
+
+
+def test_calibrate_writes_beside_the_model_and_eval_reports_both_nees(world, capsys, tmp_path):
+    import shutil
+
+    from geozoom_ros import calibration as C
+
+    model = tmp_path / 'model'
+    shutil.copytree(world['policy'], model)
+    base = ['--bundle', str(world['bundle']), '--model', str(model), '--data',
+            str(world['index'])]
+    # The default fit (a Gaussian plus far misses) needs 10 fixes; this world has fewer.
+    assert main(['calibrate', *base, '--split', 'test-same', '--no-progress']) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith('geozoom calibrate: error:') and 'at least 10 fixes' in err[-1]
+    assert not (model / 'calibration.json').exists()
+    for method in ('zoom', 'zoom-beam'):
+        res = _run_json(capsys, ['calibrate', *base, '--split', 'train', '--method', method,
+                                 '--beam-width', '3', '--single-gaussian', '--json'])
+        assert res['method'] == method and res['n'] == world['n_test']
+        assert res['path'] == str(model / 'calibration.json')
+        # One Gaussian fitted by maximum likelihood: NEES 2 on its own data (3 parameters).
+        assert 0.5 < res['nees_calibrated']['nees_mean'] < 2.5
+    cal = C.load(model / 'calibration.json')
+    assert set(cal.models) == {'zoom', 'zoom-beam'} and cal.info['zoom']['split'] == 'train'
+    assert main(['calibrate', *base, '--split', 'train', '--single-gaussian', '--beam-width',
+                 '3']) == 0
+    text = capsys.readouterr().out
+    assert 'cov = ' in text and 'NEES before' in text and 'NEES after' in text
+
+    argv = ['eval', *base, '--split', 'train', '--method', 'zoom-beam', '--beam-width', '3']
+    res = _run_json(capsys, argv + ['--json', '--report', str(tmp_path / 'report')])
+    beam_cal = cal.models['zoom-beam']
+    assert res['calibration']['a'] == pytest.approx(beam_cal.a)
+    assert res['nees_mean'] == res['nees_calibrated_mean'] != res['nees_raw_mean']
+    assert 0.5 < res['nees_calibrated_mean'] < 2.5
+    raw = _run_json(capsys, argv + ['--json', '--no-calibration'])
+    assert raw['calibration'] is None and raw['nees_calibrated_mean'] is None
+    assert raw['nees_mean'] == pytest.approx(res['nees_raw_mean'])
+    # Random images on a random map: the average precision is undefined without a fix
+    # within 50 m, and the curve then says so.
+    ap = res['gate_average_precision']
+    assert ap is None if res['recall@50m'] == 0 else 0 <= ap <= 1
+    assert res['gate_base_rate'] == pytest.approx(res['recall@50m'])
+    names = sorted(p.name for p in (tmp_path / 'report').iterdir())
+    assert names == ['gate_pr.png', 'summary.json', 'summary.md']
+    assert (tmp_path / 'report' / 'gate_pr.png').read_bytes()[:8] == b'\x89PNG\r\n\x1a\n'
+    md = (tmp_path / 'report' / 'summary.md').read_text()
+    assert 'NEES mean, calibrated' in md and 'gate average precision' in md
+    assert json.loads((tmp_path / 'report' / 'summary.json').read_text())['n'] == res['n']
+    # Text output names both, and a bad calibration file is one line.
+    assert main(argv) == 0
+    text = capsys.readouterr().out
+    assert 'uncalibrated' in text and 'average precision' in text
+    bad = tmp_path / 'bad.json'
+    bad.write_text('{"format": "geozoom-calibration", "format_version": 1}')
+    assert main(argv + ['--calibration', str(bad)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1].startswith('geozoom eval: error:') and 'no "methods"' in err[-1]

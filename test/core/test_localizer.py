@@ -132,3 +132,44 @@ def test_a_heading_model_gets_the_heading(world, tmp_path):
     assert np.abs(g0 - g90).max() > 1e-4
     np.testing.assert_allclose(g90, g450, atol=1e-5)
     assert loc.localize(_image(5), heading_deg=-270.0) is not None
+
+
+def test_the_localizer_applies_calibration_json_beside_the_model(world, loc, tmp_path):
+    import shutil
+
+    from geozoom_ros import calibration as C
+    from geozoom_ros.model.io import model_hash
+
+    model = tmp_path / 'model'
+    shutil.copytree(world['policy'], model)
+    beam_cal = C.CovarianceModel(a=0.5, b0_m=12.0, b1_m=30.0)
+    C.save(C.Calibration({'zoom-beam': beam_cal}, model_hash(model)), model / 'calibration.json')
+    img = _image(6)
+    raw = loc.localize(img)  # the module's localizer: its model folder has no calibration
+    assert loc.calibration is None
+    cal = GeoZoomLocalizer(world['bundle'], model, backend=loc.backend, beam_width=4)
+    fix = cal.localize(img)
+    assert cal.calibration.path == model / 'calibration.json'
+    assert fix.cell == raw.cell and fix.confidence == pytest.approx(raw.confidence, rel=1e-6)
+    want = 0.5 * raw.cov_en + (144.0 + 900.0 * (1.0 - raw.confidence)) * np.eye(2)
+    np.testing.assert_allclose(fix.cov_en, want, rtol=1e-6)
+    assert fix.position_covariance()[0] == pytest.approx(want[0, 0])
+    # Turned off, another file, a method without an entry, cov_scale on top.
+    off = GeoZoomLocalizer(world['bundle'], model, backend=loc.backend, beam_width=4,
+                           calibration=None)
+    np.testing.assert_allclose(off.localize(img).cov_en, raw.cov_en, rtol=1e-9)
+    other = C.save(C.Calibration({'zoom-beam': C.CovarianceModel(2.0, 1.0, 0.0)}),
+                   tmp_path / 'other.json')
+    two = GeoZoomLocalizer(world['bundle'], model, backend=loc.backend, beam_width=4,
+                           calibration=str(other), cov_scale=3.0)
+    np.testing.assert_allclose(two.localize(img).cov_en, 3.0 * (2.0 * raw.cov_en + np.eye(2)),
+                               rtol=1e-6)
+    greedy = GeoZoomLocalizer(world['bundle'], model, backend=loc.backend, method='zoom')
+    assert greedy.calibration is not None and greedy.cov_model is None
+    # A file fitted for other weights is refused in one line.
+    C.save(C.Calibration({'zoom-beam': beam_cal}, 'ef' * 32), model / 'calibration.json')
+    with pytest.raises(MismatchError, match='calibration .* fitted for model efefefef'):
+        GeoZoomLocalizer(world['bundle'], model, backend=loc.backend)
+    (model / 'calibration.json').write_text('{"format": "geozoom-calibration"')
+    with pytest.raises(InputError, match='not readable JSON'):
+        GeoZoomLocalizer(world['bundle'], model, backend=loc.backend)

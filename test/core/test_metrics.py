@@ -5,8 +5,9 @@ import math
 import numpy as np
 import pytest
 
-from geozoom_ros.eval.metrics import (chance_recall, chance_step_accuracy, error_en, error_m,
-                                      gate_curve, json_ready, nees, percentile, recall_at,
+from geozoom_ros.eval.metrics import (average_precision, chance_recall, chance_step_accuracy,
+                                      error_en, error_m, gate_curve, gate_thresholds_for,
+                                      json_ready, nees, percentile, precision_recall, recall_at,
                                       step_accuracy, summarize)
 from geozoom_ros.geo import destination
 
@@ -62,6 +63,32 @@ def test_gate_curve_by_hand():
     assert math.isnan(curve[3]['precision']) and curve[3]['published'] == 0.0
 
 
+def test_precision_recall_and_average_precision_by_hand():
+    # Six fixes, three right; one tie at 0.6 and a missing confidence.
+    conf = [0.9, 0.8, 0.6, 0.6, 0.2, np.nan]
+    ok = [True, False, True, False, True, False]
+    thr, p, r = precision_recall(conf, ok)
+    np.testing.assert_allclose(thr, [0.9, 0.8, 0.6, 0.2])
+    np.testing.assert_allclose(p, [1.0, 0.5, 0.5, 0.6])
+    np.testing.assert_allclose(r, [1 / 3, 1 / 3, 2 / 3, 1.0])
+    # AP = 1/3 * 1 + 0 * 0.5 + 1/3 * 0.5 + 1/3 * 0.6
+    assert average_precision(conf, ok) == pytest.approx((1.0 + 0.5 + 0.6) / 3)
+    # A perfect ranking scores 1; a reversed one far less; no right fix: undefined.
+    assert average_precision([0.9, 0.8, 0.1, 0.05], [1, 1, 0, 0]) == pytest.approx(1.0)
+    assert average_precision([0.1, 0.05, 0.9, 0.8], [1, 1, 0, 0]) == pytest.approx(
+        0.5 * (1 / 3) + 0.5 * 0.5)
+    assert math.isnan(average_precision([0.5, 0.4], [False, False]))
+    # A constant confidence carries no information: AP equals the share of right fixes.
+    assert average_precision([0.3] * 5, [1, 0, 0, 1, 0]) == pytest.approx(0.4)
+
+
+def test_gate_thresholds_follow_the_confidences():
+    t = gate_thresholds_for(np.linspace(0.01, 0.11, 11))
+    assert t[0] == 0.0 and 0.95 in t and t == sorted(set(t))
+    assert 0.02 in t and 0.1 in t and 0.06 in t  # deciles where the confidences lie
+    assert gate_thresholds_for([np.nan]) == [0.0] + [round(0.05 * i, 2) for i in range(1, 20)]
+
+
 def test_summary_is_json_ready_with_required_keys():
     s = summarize([10.0, 80.0, None], nees_values=[1.0, 3.0, np.nan],
                   step_correct=[[1, 0], [1, 1], [0, np.nan]], latencies_ms=[10, 20, 30],
@@ -76,3 +103,7 @@ def test_summary_is_json_ready_with_required_keys():
     assert s['latency_ms_p50'] == pytest.approx(20.0)
     assert s['chance']['recall@50m'] == pytest.approx(math.pi * 2500 / 4e6)
     assert json_ready({'a': np.float32(np.nan), 'b': [np.int64(3)]}) == {'a': None, 'b': [3]}
+    # The gate: one fix of three within 50 m, and it is the most confident.
+    assert s['gate_average_precision'] == 1.0 and s['gate_base_rate'] == pytest.approx(1 / 3)
+    assert s['gate'][0] == {'threshold': 0.0, 'precision': pytest.approx(1 / 3), 'recall': 1.0,
+                            'published': 1.0}

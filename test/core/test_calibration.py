@@ -1,0 +1,178 @@
+"""Covariance calibration: the fit recovers known parameters, apply keeps covariances SPD."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from geozoom_ros import calibration as C
+from geozoom_ros.errors import InputError, MismatchError
+
+HASH = 'ab' * 32
+
+
+def _search_covs(rng, n):
+    """Random SPD search covariances (m^2): per-axis spreads from 5 to 300 m, any orientation."""
+    sig = np.exp(rng.uniform(np.log(5.0), np.log(300.0), (n, 2)))
+    th = rng.uniform(0, np.pi, n)
+    r = np.stack([np.stack([np.cos(th), -np.sin(th)], 1), np.stack([np.sin(th), np.cos(th)], 1)],
+                 1)
+    return np.einsum('nij,nj,nkj->nik', r, sig ** 2, r)
+
+
+def _draw(rng, covs):
+    return np.einsum('nij,nj->ni', np.linalg.cholesky(covs), rng.standard_normal((len(covs), 2)))
+
+
+def test_fit_recovers_known_parameters_of_gaussian_errors():
+    rng = np.random.default_rng(0)
+    n = 3000
+    s = _search_covs(rng, n)
+    conf = rng.uniform(0.0, 1.0, n)
+    truth = C.CovarianceModel(a=0.3, b0_m=8.0, b1_m=40.0)
+    err = _draw(rng, truth.apply(s, conf))
+    m = C.fit(err, s, conf, outliers=False)
+    assert m.a == pytest.approx(0.3, rel=0.1)
+    assert m.b0_m == pytest.approx(8.0, rel=0.2)
+    assert m.b1_m == pytest.approx(40.0, rel=0.1)
+    assert m.outlier_share == 0.0 and m.outlier_sigma_m is None
+    # Maximum likelihood of the right family gives a mean NEES of 2 on its own data.
+    assert C.nees_summary(err, m.apply(s, conf))['nees_mean'] == pytest.approx(2.0, rel=0.05)
+
+
+def test_fit_with_far_misses_recovers_the_near_gaussian_and_the_miss_share():
+    rng = np.random.default_rng(1)
+    n = 3000
+    s = _search_covs(rng, n) * 0.1
+    conf = rng.uniform(0.0, 1.0, n)
+    truth = C.CovarianceModel(a=2.0, b0_m=10.0, b1_m=25.0)
+    err = _draw(rng, truth.apply(s, conf))
+    far = rng.random(n) < 0.4
+    err[far] = rng.normal(0.0, 500.0, (far.sum(), 2))
+    m = C.fit(err, s, conf)
+    assert m.a == pytest.approx(2.0, rel=0.15)
+    assert m.b0_m == pytest.approx(10.0, rel=0.25)
+    assert m.b1_m == pytest.approx(25.0, rel=0.15)
+    assert m.outlier_share == pytest.approx(0.4, abs=0.04)
+    assert m.outlier_sigma_m == pytest.approx(500.0, rel=0.1)
+    # The near fixes get a consistent covariance; one Gaussian for everything would not.
+    near = ~far
+    assert C.nees_summary(err[near], m.apply(s, conf)[near])['nees_mean'] == \
+        pytest.approx(2.0, rel=0.1)
+    single = C.fit(err, s, conf, outliers=False)
+    assert C.nees_summary(err[near], single.apply(s, conf)[near])['nees_mean'] < 0.2
+
+
+def test_fit_with_a_constant_search_covariance_is_decided_and_consistent():
+    # Greedy search publishes side^2/12 for every fix: a and b0 trade off exactly, the weak
+    # prior on a picks one, and the published covariance is what the data say.
+    rng = np.random.default_rng(2)
+    n = 1500
+    s = np.broadcast_to(np.eye(2) * 56.0, (n, 2, 2)).copy()
+    conf = rng.uniform(0, 1, n)
+    err = rng.normal(0, 1, (n, 2)) * np.sqrt(400.0 + 900.0 * (1 - conf))[:, None]
+    m = C.fit(err, s, conf, outliers=False)
+    var = m.apply(s, conf)[:, 0, 0]
+    np.testing.assert_allclose(var, 400.0 + 900.0 * (1 - conf), rtol=0.15)
+    assert 0.05 < m.a < 20
+
+
+def test_fit_leaves_out_missing_fixes_and_needs_enough_rows():
+    rng = np.random.default_rng(3)
+    s = _search_covs(rng, 50)
+    err = rng.normal(0, 20, (50, 2))
+    err[:5] = np.nan
+    m = C.fit(err, s, np.full(50, 0.5), outliers=False)
+    assert np.isfinite(m.a) and m.b0_m > 0
+    with pytest.raises(InputError, match='at least 10 fixes'):
+        C.fit(err[:12], s[:12], np.full(12, 0.5))
+    with pytest.raises(InputError, match='one of each'):
+        C.fit(err, s[:3], np.full(50, 0.5))
+
+
+def test_apply_values_and_symmetric_positive_definite():
+    m = C.CovarianceModel(a=0.5, b0_m=3.0, b1_m=4.0)
+    s = np.array([[100.0, 20.0], [20.0, 50.0]])
+    np.testing.assert_allclose(m.apply(s, 0.0), 0.5 * s + 25.0 * np.eye(2))
+    np.testing.assert_allclose(m.apply(s, 1.0), 0.5 * s + 9.0 * np.eye(2))
+    np.testing.assert_allclose(m.apply(s, 0.75), 0.5 * s + 13.0 * np.eye(2))
+    # Out-of-range and missing confidences are clipped / count as 0.
+    np.testing.assert_allclose(m.apply(s, 7.0), m.apply(s, 1.0))
+    np.testing.assert_allclose(m.apply(s, np.nan), m.apply(s, 0.0))
+    rng = np.random.default_rng(4)
+    covs = _search_covs(rng, 200)
+    covs[0] = 0.0                                  # a degenerate search covariance
+    covs[1] = [[1e4, 1e4], [1e4, 1e4]]             # rank one
+    covs[2] = [[9.0, 2.0], [1.0, 4.0]]             # slightly asymmetric input
+    conf = rng.uniform(-0.5, 1.5, 200)
+    out = C.CovarianceModel(a=3.0, b0_m=C.MIN_SIGMA_M, b1_m=0.0).apply(covs, conf)
+    assert out.shape == (200, 2, 2)
+    np.testing.assert_array_equal(out, np.swapaxes(out, 1, 2))
+    assert np.all(np.linalg.eigvalsh(out) > 0)
+
+
+def test_json_round_trip_is_atomic_and_keeps_every_method(tmp_path):
+    cal = C.Calibration({'zoom': C.CovarianceModel(0.4, 2.0, 30.0, 0.7, 410.0),
+                         'zoom-beam': C.CovarianceModel(1.1, 0.5, 0.0)}, HASH,
+                        {'zoom': {'split': 'val', 'n': 400}})
+    path = C.save(cal, tmp_path / C.CALIBRATION_FILE)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [C.CALIBRATION_FILE]
+    back = C.load(path)
+    assert back.models == cal.models and back.model_sha256 == HASH
+    assert back.info['zoom'] == {'split': 'val', 'n': 400} and back.path == path
+    d = json.loads(path.read_text())
+    assert d['format'] == C.FORMAT and d['methods']['zoom-beam']['outlier_sigma_m'] is None
+    s = np.eye(2) * 10.0
+    np.testing.assert_allclose(back.apply(s, 0.5, 'zoom'), 0.4 * s + (4.0 + 450.0) * np.eye(2))
+    np.testing.assert_allclose(back.apply(s, 0.5, 'retrieval'), s)  # no entry: unchanged
+
+
+@pytest.mark.parametrize('text, message', [
+    ('{not json', 'not readable JSON'),
+    ('[]', 'not a geozoom-calibration file'),
+    ('{"format": "geozoom-calibration", "format_version": 9, "methods": {}}',
+     'format_version 9'),
+    ('{"format": "geozoom-calibration", "format_version": 1, "methods": {}}', 'no "methods"'),
+    ('{"format": "geozoom-calibration", "format_version": 1, "methods": {"zoom": '
+     '{"a": 1, "b0_m": 2}}}', "method 'zoom': calibration parameters lack b1_m"),
+    ('{"format": "geozoom-calibration", "format_version": 1, "methods": {"zoom": '
+     '{"a": -1, "b0_m": 2, "b1_m": 0}}}', 'out of range'),
+    ('{"format": "geozoom-calibration", "format_version": 1, "methods": {"zoom": '
+     '{"a": "big", "b0_m": 2, "b1_m": 0}}}', 'must be a finite number'),
+])
+def test_bad_files_are_one_line_input_errors(tmp_path, text, message):
+    path = tmp_path / 'calibration.json'
+    path.write_text(text)
+    with pytest.raises(InputError) as info:
+        C.load(path)
+    msg = str(info.value)
+    assert message in msg and str(path) in msg and '\n' not in msg
+    with pytest.raises(InputError, match='does not exist'):
+        C.load(tmp_path / 'missing.json')
+
+
+def test_resolve_auto_path_off_and_model_mismatch(tmp_path):
+    model_dir = tmp_path / 'model'
+    model_dir.mkdir()
+    assert C.resolve('auto', model_dir) is None  # no file: no calibration
+    cal = C.Calibration({'zoom': C.CovarianceModel(2.0, 1.0, 0.0)}, HASH)
+    C.save(cal, C.calibration_path(model_dir))
+    assert C.calibration_path(model_dir / 'model.safetensors') == model_dir / C.CALIBRATION_FILE
+    assert C.resolve('auto', model_dir, HASH).models == cal.models
+    assert C.resolve(None, model_dir) is None and C.resolve(False, model_dir) is None
+    other = C.save(C.Calibration({'zoom': C.CovarianceModel(3.0, 1.0, 0.0)}),
+                   tmp_path / 'other.json')
+    assert C.resolve(str(other), model_dir, HASH).models['zoom'].a == 3.0  # no hash: no check
+    with pytest.raises(MismatchError, match='fitted for model abababab, not cdcdcdcd'):
+        C.resolve('auto', model_dir, 'cd' * 32)
+
+
+def test_nees_by_hand():
+    e = np.array([[3.0, 4.0], [np.nan, 1.0], [300.0, 0.0]])
+    p = np.array([np.eye(2) * 25.0, np.eye(2), [[9e4, 0.0], [0.0, 1.0]]])
+    np.testing.assert_allclose(C.nees(e, p), [1.0, np.nan, 1.0])
+    s = C.nees_summary(e, p)
+    assert s == {'nees_mean': 1.0, 'nees_mean_within_100m': 1.0, 'n': 2,
+                 'n_within_100m': 1}
+    assert math.isclose(C.nees_summary(e, p * 2)['nees_mean'], 0.5)
