@@ -55,6 +55,8 @@ class NodeParams:
     method: str = _p('zoom-beam', 'search: zoom-beam (beam search) or zoom (greedy)', METHODS)
     beam_width: int = _p(8, 'hypotheses kept per zoom level by the beam search', low=1,
                          high=256)
+    calibration: str = _p('auto', "covariance calibration: 'auto' (the model folder's "
+                                  "calibration.json when present), 'none', or a file path")
     cov_scale: float = _p(1.0, 'factor applied to the search covariance (calibration)',
                           low=0.0, low_open=True, high=1e6)
     max_roots: int = _p(4, 'on maps with more root cells, search only this many, ranked by '
