@@ -299,9 +299,13 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
     ar = np.arange(kk)
     rr, cc = ar // k, ar % k
     calls = 0
+    # A backend with a key/value cache is told which previous row each row extends.
+    tell_parents = bool(getattr(backend, 'accepts_parents', False))
+    parent = None
     for lv in range(level, steps):
         n = len(xs)
-        logits = backend.step_logits(np.repeat(g, n, axis=0), sat, actions)
+        kw = {'parents': parent} if tell_parents and parent is not None else {}
+        logits = backend.step_logits(np.repeat(g, n, axis=0), sat, actions, **kw)
         calls += 1
         logits = np.asarray(logits, dtype=np.float64).reshape(n, kk)
         cx = xs[:, None] * k + cc[None, :]

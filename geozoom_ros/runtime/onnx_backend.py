@@ -116,7 +116,7 @@ class OnnxBackend(PolicyBackend):
             files = self.manifest['files']
             self._kv1 = [session(f'kv_{t}_b1') if f'kv_{t}_b1' in files else None
                          for t in range(self.steps)]
-            self._kv_cache = {}
+            self._kv_last = None
         elif self.decoder == 'per-step':
             self._steps = [session(f'step_{t}') for t in range(self.steps)]
         else:
@@ -147,11 +147,16 @@ class OnnxBackend(PolicyBackend):
             out[i] = self._encoder.run(None, feeds)[0][0]
         return out
 
-    def step_logits(self, g, sat, actions):
+    #: The search may pass ``parents`` (see :meth:`step_logits`).
+    accepts_parents = True
+
+    def step_logits(self, g, sat, actions, parents=None):
         """Return float32 ``[B, k*k]`` next-action logits (see PolicyBackend).
 
         Batches smaller than the exported beam batch are zero-padded, larger ones run in
-        chunks.
+        chunks. ``parents`` (optional, step t > 0): for every row, the row of the previous
+        call it extends; the key/value cache then reuses those rows directly (checked
+        against the prefixes) instead of matching every row's prefix.
         """
         g = np.asarray(g, np.float32)
         sat = np.asarray(sat, np.float32)
@@ -162,7 +167,7 @@ class OnnxBackend(PolicyBackend):
                              f'expected [B, t + 1, {self.embed_dim}] and [B, t] with t < '
                              f'{self.steps}')
         if self.decoder == 'kv':
-            return self._kv_logits(g, sat, actions)
+            return self._kv_logits(g, sat, actions, parents)
         out = np.empty((n, self.grid_k ** 2), np.float32)
         bsz = self.beam
         for lo in range(0, n, bsz):
@@ -187,14 +192,55 @@ class OnnxBackend(PolicyBackend):
         return out
 
     # Key/value cache. The search calls step t with the rows of step t - 1 reordered and
-    # extended (beam survivors); a row's cache is found again by the content of its prefix
-    # (ground token, views and actions so far). A row whose prefix was not the previous call's
-    # is recomputed from step 0, so any call order gives the same logits.
+    # extended (beam survivors). It says which row each one extends (``parents``); without
+    # that, a row's cache is found by the content of its prefix (ground token, views and
+    # actions so far). A row found neither way is recomputed from step 0, so any call order
+    # gives the same logits.
 
     @staticmethod
     def _row_keys(g, sat, actions, t):
         return [g[i].tobytes() + sat[i, :t + 1].tobytes() + actions[i, :t].tobytes()
                 for i in range(len(g))]
+
+    def _past_from_parents(self, g, sat, actions, parents):
+        """Return the previous call's (keys, values) of ``parents`` if the prefixes match."""
+        t = actions.shape[1]
+        last = self._kv_last
+        if parents is None or last is None or last[0] != t - 1:
+            return None
+        lt, lg, lsat, lact, keys, values = last
+        parents = np.asarray(parents, np.int64).reshape(-1)
+        if parents.shape != (len(g),) or parents.min(initial=0) < 0 or \
+                parents.max(initial=0) >= len(lg):
+            return None
+        if not (np.array_equal(lg[parents], g) and np.array_equal(lsat[parents], sat[:, :t])
+                and np.array_equal(lact[parents], actions[:, :t - 1])):
+            return None
+        return keys[:, parents], values[:, parents]
+
+    def _kv_logits(self, g, sat, actions, parents=None):
+        t = actions.shape[1]
+        past_k = past_v = None
+        if t > 0:
+            past = self._past_from_parents(g, sat, actions, parents)
+            if past is None and self._kv_last is not None and self._kv_last[0] == t - 1:
+                lt, lg, lsat, lact, keys, values = self._kv_last
+                index = {key: i for i, key in enumerate(self._row_keys(lg, lsat, lact, lt))}
+                rows = [index.get(key) for key in self._row_keys(g, sat, actions, t - 1)]
+                if all(r is not None for r in rows):
+                    past = keys[:, rows], values[:, rows]
+            if past is not None:
+                past_k, past_v = past
+            else:
+                _, past_k, past_v = self._kv_run(0, g, sat[:, 0], None, None, None)
+                for s in range(1, t):
+                    _, past_k, past_v = self._kv_run(s, g, sat[:, s], actions[:, s - 1],
+                                                     past_k, past_v)
+        action = actions[:, t - 1] if t > 0 else None
+        logits, keys, values = self._kv_run(t, g, sat[:, t], action, past_k, past_v)
+        self._kv_last = (t, g.copy(), sat[:, :t + 1].copy(), actions[:, :t].copy(), keys,
+                         values)
+        return logits
 
     def _kv_run(self, t, g, sat_t, action, past_k, past_v):
         """Run cached step ``t`` over all rows in chunks of the beam batch."""
@@ -228,22 +274,3 @@ class OnnxBackend(PolicyBackend):
             logits[lo:lo + m], keys[:, lo:lo + m], values[:, lo:lo + m] = lg[:m], k[:, :m], \
                 v[:, :m]
         return logits, keys, values
-
-    def _kv_logits(self, g, sat, actions):
-        t = actions.shape[1]
-        past_k = past_v = None
-        if t > 0:
-            parents = [self._kv_cache.get(key) for key in self._row_keys(g, sat, actions, t - 1)]
-            if all(p is not None for p in parents):
-                past_k = np.stack([p[0] for p in parents], axis=1)
-                past_v = np.stack([p[1] for p in parents], axis=1)
-            else:
-                _, past_k, past_v = self._kv_run(0, g, sat[:, 0], None, None, None)
-                for s in range(1, t):
-                    _, past_k, past_v = self._kv_run(s, g, sat[:, s], actions[:, s - 1],
-                                                     past_k, past_v)
-        action = actions[:, t - 1] if t > 0 else None
-        logits, keys, values = self._kv_run(t, g, sat[:, t], action, past_k, past_v)
-        self._kv_cache = {key: (keys[:, i], values[:, i])
-                          for i, key in enumerate(self._row_keys(g, sat, actions, t))}
-        return logits

@@ -244,3 +244,34 @@ def test_kv_cache_serves_the_search_without_recomputation(plain, monkeypatch):
     assert result.decoder_calls == STEPS
     # One run per step (beam of 8 fits one batch; the 2 roots at step 0 too): no prefix redone.
     assert calls == list(range(STEPS))
+
+
+def test_parents_reuse_the_cache_and_wrong_parents_fall_back(plain, monkeypatch):
+    ob, tb = plain['onnx'], plain['torch']
+    rng = np.random.default_rng(4)
+    n = 3
+    g = rng.standard_normal((n, D)).astype(np.float32)
+    sat = rng.standard_normal((n, 2, D)).astype(np.float32)
+    ob.step_logits(g, sat[:, :1], np.zeros((n, 0), np.int64))
+    # Step 1 extends the previous rows in another order (a beam's survivors).
+    order = np.array([2, 0, 0])
+    g1, sat1 = g[order], sat[order]
+    acts = np.array([[5], [1], [7]], np.int64)
+    want = tb.step_logits(g1, sat1, acts)
+    calls = []
+    run = ob._kv_run
+
+    def counting(t, *args):
+        calls.append(t)
+        return run(t, *args)
+    monkeypatch.setattr(ob, '_kv_run', counting)
+    got = ob.step_logits(g1, sat1, acts, parents=order)
+    assert calls == [1]  # the cached step 0 served every row
+    np.testing.assert_allclose(got, want, atol=1e-4)
+    # Parents that do not match the prefixes (or are out of range) are not trusted: the rows
+    # are matched by content or recomputed, and the logits are the same.
+    ob.step_logits(g, sat[:, :1], np.zeros((n, 0), np.int64))
+    for bad in (np.array([0, 1, 2]), np.array([0, 0, 9])):
+        ob.step_logits(g, sat[:, :1], np.zeros((n, 0), np.int64))
+        np.testing.assert_allclose(ob.step_logits(g1, sat1, acts, parents=bad), want,
+                                   atol=1e-4)
