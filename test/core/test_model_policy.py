@@ -136,9 +136,13 @@ def test_shipped_presets_parse():
     from pathlib import Path
 
     presets = sorted((Path(__file__).resolve().parents[2] / 'config' / 'train').glob('*.yaml'))
-    assert {p.name for p in presets} >= {'cpu-small.yaml', 'cpu.yaml', 'gpu.yaml'}
+    assert {p.name for p in presets} >= {'cpu-small.yaml', 'cpu.yaml', 'gpu.yaml',
+                                         'cpu-multiworld.yaml'}
     for p in presets:
-        load_preset(p)
+        preset = load_preset(p)
+        preset.model.validate()
+        preset.train.validate(str(p))
+        assert preset.method in ('zoom', 'retrieval')
 
 
 def test_multi_positive_infonce():

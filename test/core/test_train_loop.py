@@ -180,15 +180,3 @@ def test_auxiliary_infonce_over_the_chosen_levels(world, levels):
     want = torch.stack(terms).mean() if terms else torch.tensor(0.0)
     assert float(stats['aux']) == pytest.approx(float(want), rel=1e-5, abs=1e-6)
     assert float(loss) == pytest.approx(float(stats['ce']) + float(want), rel=1e-5)
-
-
-def test_every_shipped_training_preset_loads():
-    from geozoom_ros.model.config import load_preset
-
-    presets = sorted((ROOT / 'config' / 'train').glob('*.yaml'))
-    assert len(presets) >= 4
-    for path in presets:
-        preset = load_preset(path)
-        preset.model.validate()
-        preset.train.validate(str(path))
-        assert preset.method in ('zoom', 'retrieval')
