@@ -3,13 +3,14 @@
 Figures:
 
 * city generation time of a ``--size-m`` city (default 2 km);
-* ground-view latency in one process (wall and CPU milliseconds, p50) at 512x384 and at the
-  training resolution 128x96, both with 2x supersampling and cast shadows;
+* ground-view latency in one process (wall and CPU milliseconds, p50) at 512x384, 256x192 and
+  128x96, all with 2x supersampling and cast shadows, and at 512x384 with the camera effects
+  (exposure, blur, noise) that every written view gets;
 * a real ``make_world`` of that city with ``--n-ground`` views at 512x384, its pyramid and
   the 2 km drive bag, using every core; the time for 20 000 views is extrapolated from the
   measured per-view throughput (said so in the output);
-* training-resolution throughput (128x96 views rendered and written as JPEG by the workers),
-  extrapolated to 100 000 views;
+* training-resolution throughput (``--train-size`` views, default 256x192, rendered and
+  written as JPEG by the workers), extrapolated to 100 000 views;
 * peak memory (the largest resident set of the main process and of a worker);
 * with ``--big-m`` (default 10 km): generation time and memory of that city, its orthophoto
   grid and the time of one orthophoto tile, extrapolated to the whole orthophoto.
@@ -24,7 +25,9 @@ def register(bench_sub):
     p.add_argument('--n-ground', type=int, default=600,
                    help='512x384 views actually made (600; 20 000 is extrapolated)')
     p.add_argument('--n-train', type=int, default=1500,
-                   help='128x96 views actually made (1500; 100 000 is extrapolated)')
+                   help='training views actually made (1500; 100 000 is extrapolated)')
+    p.add_argument('--train-size', default='256x192',
+                   help='training view size WxH in pixels (256x192)')
     p.add_argument('--big-m', type=float, default=10000.0,
                    help='side of the big city to check (10000; 0 skips it)')
     p.add_argument('--no-drive', action='store_true', help='skip the drive bag')
@@ -43,19 +46,38 @@ def _rss_mb():
     return self_mb, child_mb
 
 
-def _latency(renderer, views, size, n=20):
+def _parse_size(text):
+    from geozoom_ros.errors import InputError
+    try:
+        w, h = (int(v) for v in str(text).lower().split('x'))
+    except ValueError:
+        w = h = 0
+    if w < 8 or h < 8:
+        raise InputError(f'--train-size {text!r} is not a size; use WxH pixels, e.g. 256x192')
+    return w, h
+
+
+def _latency(renderer, views, size, n=20, effects=False):
+    """Return the p50 wall and CPU milliseconds of one view (CPU: all threads of the process).
+
+    The chunks the views need are built before the clock starts: a worker builds them once.
+    """
     import time
 
     import numpy as np
 
     from geozoom_ros.world.dataset import render_view
-    for v in views[:2]:
-        render_view(renderer, v, size)  # warm the chunk cache
+    for v in views[:n]:
+        render_view(renderer, v, size, 0.0)  # warm the chunk cache
     wall, cpu = [], []
     for v in views[:n]:
         t0, c0 = time.perf_counter(), time.process_time()
-        renderer.render(v['east_m'], v['north_m'], v['height_m'], v['heading_deg'],
-                        v['fov_deg'], v['pitch_deg'], v['roll_deg'], v['lighting'], size=size)
+        if effects:
+            render_view(renderer, v, size)
+        else:
+            renderer.render(v['east_m'], v['north_m'], v['height_m'], v['heading_deg'],
+                            v['fov_deg'], v['pitch_deg'], v['roll_deg'], v['lighting'],
+                            size=size)
         wall.append(time.perf_counter() - t0)
         cpu.append(time.process_time() - c0)
     return {'wall_p50_ms': float(np.median(wall) * 1000),
@@ -73,6 +95,7 @@ def run(args):
     from geozoom_ros.world.city import make_city
 
     workers = args.workers or len(os.sched_getaffinity(0))
+    train_size = _parse_size(args.train_size)
     origin = (47.3769, 8.5417)
     res = dict(workers=workers, size_m=args.size_m, load_avg_start=os.getloadavg()[0])
     say = (lambda *a: None) if args.json else (lambda *a: print(*a, flush=True))
@@ -85,24 +108,32 @@ def run(args):
 
     # Latency in one process.
     from geozoom_ros.world.render_gl import GroundRenderer
-    views = D.sample_views(city, 40)
+    views = D.spatial_order(D.sample_views(city, 40))
     renderer = GroundRenderer(city, 512, 384)
+    latency_keys = []
     try:
-        res['latency_512x384'] = _latency(renderer, views, (512, 384))
-        res['latency_128x96'] = _latency(renderer, views, (128, 96))
+        for size in ((512, 384), (256, 192), (128, 96)):
+            key = f'latency_{size[0]}x{size[1]}'
+            res[key] = _latency(renderer, views, size)
+            latency_keys.append(key)
+        res['latency_512x384_with_effects'] = _latency(renderer, views, (512, 384),
+                                                       effects=True)
         a = orthophoto.ortho_tasks(city, orthophoto.ortho_grid(city), 1024)[0]
         t0 = time.perf_counter()
         orthophoto.render_tile(renderer, a)
         res['ortho_tile_1024_s'] = time.perf_counter() - t0
     finally:
         renderer.close()
-    for key in ('latency_512x384', 'latency_128x96'):
+    for key in latency_keys:
         r = res[key]
         say(f'{key}: {r["wall_p50_ms"]:.1f} ms wall, {r["cpu_p50_ms"]:.1f} ms CPU '
             f'(one process, 2x supersampling, shadows)')
+    r = res['latency_512x384_with_effects']
+    say(f'latency_512x384 with camera effects: {r["wall_p50_ms"]:.1f} ms wall, '
+        f'{r["cpu_p50_ms"]:.1f} ms CPU')
 
     if not args.no_make:
-        _make_runs(args, city, origin, workers, res, say)
+        _make_runs(args, city, origin, workers, res, say, train_size)
 
     if args.big_m > 0:
         import resource
@@ -161,7 +192,7 @@ def run(args):
     return 0
 
 
-def _make_runs(args, city, origin, workers, res, say):
+def _make_runs(args, city, origin, workers, res, say, train_size=(256, 192)):
     """Time a real make_world and a training-resolution run; add the figures to ``res``."""
     import json
     import os
@@ -190,20 +221,22 @@ def _make_runs(args, city, origin, workers, res, say):
             f'EXTRAPOLATED: {args.size_m:.0f} m world + pyramid + drive + 20 000 views = '
             f'{res["extrapolated_20000_views_min"]:.1f} min')
 
-        # Training resolution: rendered and written by the workers.
+        # Training resolution: rendered (with camera effects) and written by the workers.
         train = D.spatial_order(D.sample_views(city, args.n_train, seed=args.seed + 1))
         root = os.path.join(tmp, 'train')
         for split in D.SPLITS:
             os.makedirs(os.path.join(root, split), exist_ok=True)
-        batches = [(train[k:k + 32], root, (128, 96), 1.0) for k in range(0, len(train), 32)]
-        with M.RenderPool(city, (128, 96), workers) as pool:
+        batches = [(train[k:k + 32], root, train_size, 1.0) for k in range(0, len(train), 32)]
+        with M.RenderPool(city, train_size, workers) as pool:
             list(pool.imap(M._worker_views, batches[:2]))  # start-up and warm-up
             t0 = time.perf_counter()
             done = sum(len(r) for r in pool.imap(M._worker_views, batches[2:]))
             dt = time.perf_counter() - t0
         per = dt / max(1, done)
-        res['train_128x96_throughput_ms'] = per * 1000
+        tw, th = train_size
+        res['train_size'] = [tw, th]
+        res[f'train_{tw}x{th}_throughput_ms'] = per * 1000
         res['extrapolated_100000_train_views_min'] = 100000 * per / 60.0
-        say(f'training views 128x96: {per * 1000:.1f} ms per view with {workers} workers '
+        say(f'training views {tw}x{th}: {per * 1000:.1f} ms per view with {workers} workers '
             f'({done} measured); EXTRAPOLATED: 100 000 views = '
             f'{res["extrapolated_100000_train_views_min"]:.1f} min')

@@ -7,6 +7,12 @@ memory of a small one. The orthophoto is an orthographic top-down rendering of t
 meshes with the same palette, so what a ground camera sees at bearing b and distance d lies in
 the orthophoto at that bearing and distance.
 
+Anti-aliasing is supersampling (``supersample`` x the output size, box-filtered on the GPU);
+llvmpipe's 4x multisampling measured slower than 2x supersampling on this kind of CPU. The
+costs that matter on a CPU rasterizer are kept down by culling back faces, indexed meshes
+(shared vertices shaded once), fragment shaders that carry only the code of the materials
+they draw, and a sky shaded at the output size behind the scene.
+
 Frames: ENU metres of the city (x east, y north, z up). Headings are degrees clockwise from
 north, pitch is degrees above the horizon (negative looks down), roll degrees about the
 optical axis. Images are RGB uint8, row 0 at the top.
@@ -99,12 +105,17 @@ void main() {
     float ao = 1.0;
     float wrap = 0.0;
     base *= 1.0 - 0.5 * v_namp + v_namp * texture(noise_tex, v_ncoord).r;
+#ifndef BUILDINGS
     if (v_mat == 10) {           // paving joints
         vec2 g = fract(p * 0.8);
         base *= 1.0 - 0.07 * step(min(g.x, g.y), 0.05);
     } else if (v_mat == 7) {     // water mirrors the haze
         if (ground_view == 1) base = mix(base, haze_rgb, 0.35);
-    } else if (v_mat == 3) {     // roofs
+    } else if (v_mat == 5) {     // foliage: light wraps round the crown
+        wrap = 0.35;
+    }
+#else
+    if (v_mat == 3) {            // roofs
         base *= 0.93 + 0.14 * fract(v_tint * 7.31);
         if (abs(n.z) > 0.99 && hash(floor(p / 3.0) + floor(v_tint * 97.0)) > 0.95)
             base *= 0.72;        // roof fixtures
@@ -122,9 +133,8 @@ void main() {
         vec3 glass = mix(vec3(0.12, 0.15, 0.19), sky_rgb * 0.6, 0.3 + 0.3 * h);
         base = mix(base, glass, win);
         ao = 0.72 + 0.28 * smoothstep(0.0, 5.0, v_uv.y);
-    } else if (v_mat == 5) {     // foliage: light wraps round the crown
-        wrap = 0.35;
     }
+#endif
     float ndl = max((dot(n, sun_dir) + wrap) / (1.0 + wrap), 0.0);
     float lit = 1.0;
     if (use_shadow == 1 && ndl > 0.0) {
@@ -144,6 +154,11 @@ void main() {
 }
 '''
 
+# llvmpipe shades every branch of a fragment shader (masked SIMD lanes), so the scene uses two
+# builds of _FS: one with the roof and facade patterns for buildings and landmarks, one with
+# the rest for the ground and the trees. Each material sees the code it had in one shader.
+_FS_BUILDINGS = _FS.replace('#version 330\n', '#version 330\n#define BUILDINGS\n', 1)
+
 _SHADOW_VS = '''
 #version 330
 uniform mat4 mvp;
@@ -156,18 +171,48 @@ _SHADOW_FS = '''
 void main() { }
 '''
 
-_SKY_VS = '''
+# A triangle covering the screen, at mid depth (the sky pass tests against the resolve's).
+_FULL_VS = '''
 #version 330
-out vec2 v_ndc;
 void main() {
     vec2 p = vec2((gl_VertexID == 1) ? 3.0 : -1.0, (gl_VertexID == 2) ? 3.0 : -1.0);
-    v_ndc = p;
-    gl_Position = vec4(p, 1.0, 1.0);
+    gl_Position = vec4(p, 0.0, 1.0);
 }
 '''
 
+# The output-size image: the box filter of the supersampled scene (alpha = coverage, 0 where
+# nothing was drawn); depth 0 marks pixels the scene covers fully, for the sky pass to skip.
+# Rows come out top-down, as the image is read. Built once per factor SS, a constant, so no
+# loop or branch is left in the code.
+_RESOLVE_FS = '''
+#version 330
+uniform sampler2D scene;
+uniform vec2 out_size;
+out vec4 frag;
+void main() {
+    ivec2 o = ivec2(gl_FragCoord.xy);
+    int row = int(out_size.y) - 1 - o.y;
+#if SS == 2
+    // The bilinear sample at the corner four texels share is their mean.
+    vec4 acc = texture(scene, (vec2(o.x, row) + 0.5) / out_size);
+#else
+    vec4 acc = vec4(0.0);
+    for (int j = 0; j < SS; ++j)
+        for (int i = 0; i < SS; ++i)
+            acc += texelFetch(scene, ivec2(o.x * SS + i, row * SS + j), 0);
+    acc /= float(SS * SS);
+#endif
+    frag = acc;
+    gl_FragDepth = acc.a > 0.999 ? 0.0 : 1.0;
+}
+'''
+
+# The sky behind the resolved scene, at the output size (blended by 1 - coverage). The sky is
+# smooth, so one sample per output pixel gives the image of a sky drawn behind the scene at
+# the supersampled size, for a quarter of the work at 2x.
 _SKY_FS = '''
 #version 330
+uniform vec2 out_size;
 uniform mat4 inv_vp;
 uniform vec3 cam_pos;
 uniform vec3 sun_dir;
@@ -177,7 +222,6 @@ uniform vec3 horizon_rgb;
 uniform vec3 haze_rgb;
 uniform float clouds;
 uniform float exposure;
-in vec2 v_ndc;
 out vec4 frag;
 float hash(vec2 p) {
     p = mod(p, 1024.0);
@@ -192,7 +236,10 @@ float vnoise(vec2 p) {
                mix(hash(i + vec2(0, 1)), hash(i + vec2(1, 1)), f.x), f.y);
 }
 void main() {
-    vec4 w = inv_vp * vec4(v_ndc, 1.0, 1.0);
+    // Output row y holds the scene's row out_size.y - 1 - y (see _RESOLVE_FS).
+    vec2 px = vec2(gl_FragCoord.x, out_size.y - gl_FragCoord.y);
+    vec2 ndc = px / out_size * 2.0 - 1.0;
+    vec4 w = inv_vp * vec4(ndc, 1.0, 1.0);
     vec3 dir = normalize(w.xyz / w.w - cam_pos);
     float up = clamp(dir.z, 0.0, 1.0);
     vec3 col = mix(horizon_rgb, zenith_rgb, pow(up, 0.55));
@@ -208,6 +255,7 @@ void main() {
 }
 '''
 
+_CHUNK_GL = ('flat', 'solid', 'trees', 'shadow', 'flat_vbo', 'solid_vbo', 'flat_ibo', 'solid_ibo')
 _ATTRS = ('in_pos', 'in_nrm', 'in_mat', 'in_col', 'in_uv', 'in_tint', 'in_obj')
 _FMT = '3f 3f 1f 1f 2f 1f 1f'
 
@@ -326,6 +374,16 @@ def _noise_texture(size=256, seed=12345):
     return (img * 255 + 0.5).astype(np.uint8)
 
 
+def _indexed(vertices):
+    """Return (unique vertices, uint32 indices) of a triangle list (n, VERTEX_FLOATS)."""
+    vertices = np.ascontiguousarray(vertices, np.float32)
+    if not len(vertices):
+        return vertices, np.zeros(0, np.uint32)
+    rows = vertices.view(np.dtype((np.void, vertices.shape[1] * 4))).ravel()
+    _, first, inverse = np.unique(rows, return_index=True, return_inverse=True)
+    return vertices[first], inverse.astype(np.uint32).ravel()
+
+
 def _set(prog, name, value):
     # Drivers drop uniforms a shader does not use; setting one must not fail.
     if name in prog:
@@ -352,8 +410,10 @@ PANO_SIZE = (1024, 256)
 class GroundRenderer:
     """Render ground, drone, panorama and orthophoto views of a city with moderngl/EGL.
 
-    ``width`` x ``height`` pixels (default output size), ``supersample`` x anti-aliasing.
-    Create it in the process that uses it (one EGL context per process, after fork).
+    ``width`` x ``height`` pixels (default output size); ``supersample`` (an integer >= 1)
+    renders ``supersample`` x the output size in each direction and box-filters it down
+    (anti-aliasing; 1 turns it off). Create it in the process that uses it (one EGL context
+    per process, after fork).
     """
 
     def __init__(self, city, width=512, height=384, supersample=2, chunk_m=256.0,
@@ -373,13 +433,17 @@ class GroundRenderer:
         self.ctx = create_context()
         self._mgl = moderngl
         ctx = self.ctx
+        #: The scene programs: ground and trees, buildings and landmarks (same uniforms).
         self.prog = ctx.program(vertex_shader=_VS, fragment_shader=_FS)
+        self.bprog = ctx.program(vertex_shader=_VS, fragment_shader=_FS_BUILDINGS)
+        self._progs = (self.prog, self.bprog)
         self.shadow_prog = ctx.program(vertex_shader=_SHADOW_VS, fragment_shader=_SHADOW_FS)
-        self.sky_prog = ctx.program(vertex_shader=_SKY_VS, fragment_shader=_SKY_FS)
+        self._resolvers = {}
+        self.sky_prog = ctx.program(vertex_shader=_FULL_VS, fragment_shader=_SKY_FS)
         self.sky_vao = ctx.vertex_array(self.sky_prog, [])
-        _set(self.prog, 'palette', 0)
-        _set(self.prog, 'shadow_map', 1)
-        _set(self.prog, 'noise_tex', 2)
+        self._set_all('palette', 0)
+        self._set_all('shadow_map', 1)
+        self._set_all('noise_tex', 2)
         self._noise = ctx.texture((256, 256), 1, _noise_texture().tobytes())
         self._noise.filter = (moderngl.LINEAR, moderngl.LINEAR)
         self._noise.repeat_x = self._noise.repeat_y = True
@@ -409,6 +473,14 @@ class GroundRenderer:
         self.stats = dict(chunks_built=0)
 
     # ---------------------------------------------------------------- resources
+    def _set_all(self, name, value):
+        for prog in self._progs:
+            _set(prog, name, value)
+
+    def _put_all(self, name, data):
+        for prog in self._progs:
+            _put(prog, name, data)
+
     def _current(self):
         """Make this renderer's context current (several renderers may share a process)."""
         if self.ctx is None:
@@ -426,13 +498,41 @@ class GroundRenderer:
         return tex
 
     def _fbo(self, w, h, label=False):
+        """Return the framebuffer of a ``w`` x ``h`` pass, made once per size and kind.
+
+        Images render into a colour texture that the resolve pass reads; label passes into a
+        renderbuffer with a depth texture that is read back.
+        """
         key = (w, h, label)
         fbo = self._fbos.get(key)
         if fbo is None:
-            color = self.ctx.renderbuffer((w, h), 4)
-            depth = (self.ctx.depth_texture((w, h)) if label
-                     else self.ctx.depth_renderbuffer((w, h)))
+            if label:
+                color = self.ctx.renderbuffer((w, h), 4)
+                depth = self.ctx.depth_texture((w, h))
+            else:
+                color = self.ctx.texture((w, h), 4)
+                color.filter = (self._mgl.LINEAR, self._mgl.LINEAR)
+                depth = self.ctx.depth_renderbuffer((w, h))
             fbo = self.ctx.framebuffer(color_attachments=[color], depth_attachment=depth)
+            self._fbos[key] = fbo
+        return fbo
+
+    def _resolver(self, ss):
+        entry = self._resolvers.get(ss)
+        if entry is None:
+            fs = _RESOLVE_FS.replace('#version 330\n', f'#version 330\n#define SS {ss}\n', 1)
+            prog = self.ctx.program(vertex_shader=_FULL_VS, fragment_shader=fs)
+            _set(prog, 'scene', 3)
+            entry = (prog, self.ctx.vertex_array(prog, []))
+            self._resolvers[ss] = entry
+        return entry
+
+    def _out_fbo(self, w, h):
+        key = (w, h, 'out')
+        fbo = self._fbos.get(key)
+        if fbo is None:
+            fbo = self.ctx.framebuffer(color_attachments=[self.ctx.renderbuffer((w, h), 4)],
+                                       depth_attachment=self.ctx.depth_renderbuffer((w, h)))
             self._fbos[key] = fbo
         return fbo
 
@@ -459,21 +559,35 @@ class GroundRenderer:
         ctx = self.ctx
         ch = dict(ranges=ranges, solid_ranges=solid_ranges, n_flat=len(flat),
                   centre=np.array([(i + 0.5) * cm, (j + 0.5) * cm]))
-        ch['flat_vbo'] = ctx.buffer(flat.tobytes())
+        # Indexed meshes: a vertex shared by several triangles is shaded once (the vertex
+        # stage runs on one thread in llvmpipe). Index order is the triangle order, so the
+        # ranges above count indices and the images are those of the unindexed mesh.
+        verts, index = _indexed(flat)
+        ch['flat_vbo'] = ctx.buffer(verts.tobytes())
+        ch['flat_ibo'] = ctx.buffer(index.tobytes())
         ch['flat'] = ctx.vertex_array(self.prog, [(ch['flat_vbo'], _FMT) + _ATTRS],
+                                      index_buffer=ch['flat_ibo'], index_element_size=4,
                                       skip_errors=True)
         ch['n_solid'] = len(solid)
         if len(solid):
-            ch['solid_vbo'] = ctx.buffer(solid.tobytes())
-            ch['solid'] = ctx.vertex_array(self.prog, [(ch['solid_vbo'], _FMT) + _ATTRS],
-                                           skip_errors=True)
+            verts, index = _indexed(solid)
+            ch['solid_vbo'] = ctx.buffer(verts.tobytes())
+            ch['solid_ibo'] = ctx.buffer(index.tobytes())
+            ch['solid'] = ctx.vertex_array(self.bprog, [(ch['solid_vbo'], _FMT) + _ATTRS],
+                                           index_buffer=ch['solid_ibo'],
+                                           index_element_size=4, skip_errors=True)
+            ch['trees'] = ctx.vertex_array(self.prog, [(ch['solid_vbo'], _FMT) + _ATTRS],
+                                           index_buffer=ch['solid_ibo'],
+                                           index_element_size=4, skip_errors=True)
             ch['shadow'] = ctx.vertex_array(self.shadow_prog,
-                                            [(ch['solid_vbo'], '3f 36x', 'in_pos')])
+                                            [(ch['solid_vbo'], '3f 36x', 'in_pos')],
+                                            index_buffer=ch['solid_ibo'],
+                                            index_element_size=4)
         self._chunks[key] = ch
         self.stats['chunks_built'] += 1
         while len(self._chunks) > self.max_chunks:
             _, old = self._chunks.popitem(last=False)
-            for name in ('flat', 'solid', 'shadow', 'flat_vbo', 'solid_vbo'):
+            for name in _CHUNK_GL:
                 if name in old:
                     old[name].release()
         return ch
@@ -490,18 +604,15 @@ class GroundRenderer:
 
     # ---------------------------------------------------------------- drawing
     def _set_lighting(self, light, ground_view, cam_pos=(0.0, 0.0, 0.0)):
-        p = self.prog
         self._noise.use(2)
-        _set(p, 'sun_dir', tuple(float(v) for v in light.sun_vector()))
-        _set(p, 'sun_rgb', tuple(light.sun_rgb))
-        _set(p, 'sky_rgb', tuple(light.sky_rgb))
-        _set(p, 'haze_rgb', tuple(light.horizon_rgb))
-        _set(p, 'sun_strength', float(light.sun_strength))
-        _set(p, 'ambient', float(light.ambient))
-        _set(p, 'visibility', float(light.visibility_m))
-        _set(p, 'exposure', float(light.exposure))
-        _set(p, 'ground_view', int(ground_view))
-        _set(p, 'cam_pos', tuple(float(v) for v in cam_pos))
+        values = dict(sun_dir=tuple(float(v) for v in light.sun_vector()),
+                      sun_rgb=tuple(light.sun_rgb), sky_rgb=tuple(light.sky_rgb),
+                      haze_rgb=tuple(light.horizon_rgb), sun_strength=float(light.sun_strength),
+                      ambient=float(light.ambient), visibility=float(light.visibility_m),
+                      exposure=float(light.exposure), ground_view=int(ground_view),
+                      cam_pos=tuple(float(v) for v in cam_pos))
+        for name, value in values.items():
+            self._set_all(name, value)
         self._palette(light.season or self.default_style).use(0)
 
     def _render_shadow(self, light, region, size):
@@ -518,25 +629,32 @@ class GroundRenderer:
         fbo.clear(depth=1.0)
         self.ctx.enable(self._mgl.DEPTH_TEST)
         self.ctx.depth_func = '<'
+        # Closed solids: the surface nearest the sun faces it, so back faces change nothing.
+        self.ctx.front_face = 'ccw'
+        self.ctx.enable(self._mgl.CULL_FACE)
         _put(self.shadow_prog, 'mvp', _gl(lm))
         for key in self._region_keys(grown):
             ch = self._chunk(key)
             if ch['n_solid']:
                 ch['shadow'].render()
+        self.ctx.disable(self._mgl.CULL_FACE)
         tex.use(1)
-        _put(self.prog, 'light_mvp', _gl(lm))
-        _set(self.prog, 'use_shadow', 1)
+        self._put_all('light_mvp', _gl(lm))
+        self._set_all('use_shadow', 1)
 
-    def _draw_scene(self, vp, keys, label=False, eye=None, tree_m=None):
+    def _draw_scene(self, vp, keys, label=False, eye=None, tree_m=None, front='ccw'):
         """Draw solids (near to far), then the flat ground layers from the top one down.
 
         Drawing what is in front first lets the depth test skip the shading of hidden
-        fragments, the main cost on a CPU rasterizer.
+        fragments, the main cost on a CPU rasterizer. Back faces are culled: every solid is
+        closed and wound counter-clockwise seen from outside, and the ground layers face up.
         """
         ctx = self.ctx
-        _put(self.prog, 'mvp', _gl(vp))
-        _set(self.prog, 'label_mode', int(label))
+        self._put_all('mvp', _gl(vp))
+        self._set_all('label_mode', int(label))
         ctx.enable(self._mgl.DEPTH_TEST)
+        ctx.front_face = front
+        ctx.enable(self._mgl.CULL_FACE)
         chunks = [self._chunk(k) for k in keys]
         if eye is not None:
             dist = [float(np.linalg.norm(ch['centre'] - eye[:2])) for ch in chunks]
@@ -549,25 +667,24 @@ class GroundRenderer:
         for ch, d in zip(chunks, dist):
             if ch['n_solid']:
                 first, count = ch['solid_ranges']['structures']
-                if tree_m is None or d < tree_m:
-                    count += ch['solid_ranges']['trees'][1]
                 if count:
                     ch['solid'].render(first=first, vertices=count)
+                first, count = ch['solid_ranges']['trees']
+                if count and (tree_m is None or d < tree_m):
+                    ch['trees'].render(first=first, vertices=count)
         # Flat layers, stored top layer first: the depth test rejects what lies under a
         # higher layer before it is shaded.
         for ch in chunks:
             if ch['n_flat']:
                 ch['flat'].render()
         self._ground_vao.render()
+        ctx.disable(self._mgl.CULL_FACE)
+        ctx.front_face = 'ccw'
 
-    def _read(self, fbo, w, h, ss):
+    def _read(self, fbo, w, h):
+        """Return the colour of a label framebuffer, (h, w, 3) uint8, row 0 at the top."""
         raw = fbo.read(components=3, alignment=1)
-        img = np.frombuffer(raw, np.uint8).reshape(h * ss, w * ss, 3)[::-1]
-        if ss > 1:
-            import cv2
-            # INTER_AREA with an integer factor is the box filter of supersampling.
-            return cv2.resize(np.ascontiguousarray(img), (w, h), interpolation=cv2.INTER_AREA)
-        return np.ascontiguousarray(img)
+        return np.ascontiguousarray(np.frombuffer(raw, np.uint8).reshape(h, w, 3)[::-1])
 
     def _perspective_frame(self, east_m, north_m, height_m, heading_deg, fov_deg, pitch_deg,
                            roll_deg, w, h, vfov_deg=None, near=0.25, far=4000.0):
@@ -608,22 +725,50 @@ class GroundRenderer:
             self._render_shadow(light, (cx - reach, cy - reach, cx + reach, cy + reach),
                                 self.shadow_size if detail >= 1 else self.shadow_size // 2)
         else:
-            _set(self.prog, 'use_shadow', 0)
+            self._set_all('use_shadow', 0)
         fbo = self._fbo(w * ss, h * ss)
         fbo.use()
-        fbo.clear(*light.horizon_rgb, 1.0, depth=1.0)
+        # Alpha 0 marks the sky: the resolve pass fills it in at the output size.
+        fbo.clear(0.0, 0.0, 0.0, 0.0, depth=1.0)
         self._set_lighting(light, True, eye)
         self._draw_scene(vp, keys, eye=eye, tree_m=self.tree_lod_m * detail)
-        self._draw_sky(light, vp, eye)
-        return self._read(fbo, w, h, ss)
+        return self._resolve(fbo, w, h, ss, (light, vp, eye))
 
-    def _draw_sky(self, light, vp, eye):
-        """Draw the sky last, at the far plane: only pixels that nothing covers are shaded."""
-        ctx = self.ctx
-        ctx.enable(self._mgl.DEPTH_TEST)
-        ctx.depth_func = '<='
-        ctx.fbo.depth_mask = False
+    def _resolve(self, fbo, w, h, ss, sky=None):
+        """Box-filter the ``ss`` x supersampled image of ``fbo`` to w x h (over the sky).
+
+        ``sky`` is ``(lighting, vp, eye)`` for perspective views, None for the orthophoto.
+        Returns (h, w, 3) uint8 RGB, row 0 at the top.
+        """
+        ctx, mgl = self.ctx, self._mgl
+        out = self._out_fbo(w, h)
+        out.use()
+        ctx.enable(mgl.DEPTH_TEST)
+        ctx.depth_func = '1'
+        fbo.color_attachments[0].use(3)
+        prog, vao = self._resolver(int(ss))
+        _set(prog, 'out_size', (float(w), float(h)))
+        vao.render(mgl.TRIANGLES, vertices=3)
+        if sky is not None:
+            # Only pixels the scene does not cover fully pass the depth test; the sky is
+            # added with the weight 1 - coverage (the alpha already in the image).
+            self._set_sky(*sky, w, h)
+            ctx.depth_func = '<'
+            ctx.fbo.depth_mask = False
+            ctx.enable(mgl.BLEND)
+            ctx.blend_func = mgl.ONE_MINUS_DST_ALPHA, mgl.ONE
+            self.sky_vao.render(mgl.TRIANGLES, vertices=3)
+            ctx.disable(mgl.BLEND)
+            ctx.fbo.depth_mask = True
+        ctx.depth_func = '<'
+        # A fresh buffer per image: the caller owns (and may change) what it gets.
+        buf = bytearray(w * h * 3)
+        out.read_into(buf, components=3, alignment=1)
+        return np.frombuffer(buf, np.uint8).reshape(h, w, 3)
+
+    def _set_sky(self, light, vp, eye, w, h):
         sp = self.sky_prog
+        _set(sp, 'out_size', (float(w), float(h)))
         _put(sp, 'inv_vp', _gl(np.linalg.inv(vp)))
         _set(sp, 'cam_pos', tuple(float(v) for v in eye))
         _set(sp, 'sun_dir', tuple(float(v) for v in light.sun_vector()))
@@ -633,9 +778,6 @@ class GroundRenderer:
         _set(sp, 'haze_rgb', tuple(light.horizon_rgb))
         _set(sp, 'clouds', float(light.clouds))
         _set(sp, 'exposure', float(light.exposure))
-        self.sky_vao.render(self._mgl.TRIANGLES, vertices=3)
-        ctx.fbo.depth_mask = True
-        ctx.depth_func = '<'
 
     def render_labels(self, east_m, north_m, height_m, heading_deg, fov_deg, pitch_deg=0.0,
                       roll_deg=0.0, size=None):
@@ -652,9 +794,9 @@ class GroundRenderer:
         fbo = self._fbo(w, h, label=True)
         fbo.use()
         fbo.clear(0.0, 0.0, 0.0, 1.0, depth=1.0)
-        _set(self.prog, 'use_shadow', 0)
+        self._set_all('use_shadow', 0)
         self._draw_scene(vp, self._visible(vp), label=True)
-        ids = self._read(fbo, w, h, 1).astype(np.int64)
+        ids = self._read(fbo, w, h).astype(np.int64)
         ids = ids[..., 0] + 256 * ids[..., 1] + 65536 * ids[..., 2]
         raw = fbo.read(components=1, attachment=-1, dtype='f4')
         z = np.frombuffer(raw, np.float32).reshape(h, w)[::-1]
@@ -692,26 +834,28 @@ class GroundRenderer:
         region = (corners[:, 0].min(), corners[:, 1].min(), corners[:, 0].max(),
                   corners[:, 1].max())
         keys = self._region_keys(region)
+        # Up-facing triangles are counter-clockwise on screen unless the grid mirrors ENU.
+        front = 'ccw' if np.linalg.det(ndc[:2, :2]) > 0 else 'cw'
         if labels:
             fbo = self._fbo(w, h, label=True)
             fbo.use()
             fbo.clear(0.0, 0.0, 0.0, 1.0, depth=1.0)
-            _set(self.prog, 'use_shadow', 0)
-            self._draw_scene(vp, keys, label=True)
-            ids = self._read(fbo, w, h, 1).astype(np.int64)
+            self._set_all('use_shadow', 0)
+            self._draw_scene(vp, keys, label=True, front=front)
+            ids = self._read(fbo, w, h).astype(np.int64)
             return ids[..., 0] + 256 * ids[..., 1] + 65536 * ids[..., 2]
         if light.shadows:
             side = max(region[2] - region[0], region[3] - region[1])
             size = int(min(4096, max(1024, 2 ** math.ceil(math.log2(side / 0.25)))))
             self._render_shadow(light, region, size)
         else:
-            _set(self.prog, 'use_shadow', 0)
+            self._set_all('use_shadow', 0)
         fbo = self._fbo(w * ss, h * ss)
         fbo.use()
         fbo.clear(0.0, 0.0, 0.0, 1.0, depth=1.0)
         self._set_lighting(light, False)
-        self._draw_scene(vp, keys)
-        return self._read(fbo, w, h, ss)
+        self._draw_scene(vp, keys, front=front)
+        return self._resolve(fbo, w, h, ss)
 
     def render_ortho_box(self, xmin, ymin, xmax, ymax, width, height, lighting=None,
                          labels=False):
@@ -771,7 +915,7 @@ class GroundRenderer:
             return
         self.ctx.__enter__()
         for ch in self._chunks.values():
-            for name in ('flat', 'solid', 'shadow', 'flat_vbo', 'solid_vbo'):
+            for name in _CHUNK_GL:
                 if name in ch:
                     ch[name].release()
         self._chunks.clear()

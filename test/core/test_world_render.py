@@ -168,3 +168,82 @@ def test_missing_egl_is_one_line_naming_the_packages(tmp_path):
     err = proc.stderr.strip()
     assert '\n' not in err and 'EGL' in err
     assert 'libegl1 libgl1 libegl-mesa0 libgl1-mesa-dri' in err
+
+
+def test_supersampling_is_the_box_filter_of_a_larger_render(city):
+    """2x anti-aliasing equals the 2x2 box filter of a view rendered at twice the size."""
+    import cv2
+    x, y = _pose(city, 4)
+    light = S.sample_lighting('summer', np.random.default_rng(3), city.knobs)
+    light = S.Lighting(**{**light.__dict__, 'clouds': 0.5})
+    aa = GroundRenderer(city, 96, 72, supersample=2)
+    big = GroundRenderer(city, 192, 144, supersample=1)
+    try:
+        imgs = [(aa.render(x, y, 1.8, h, 80.0, lighting=light),
+                 big.render(x, y, 1.8, h, 80.0, lighting=light)) for h in (10.0, 130.0, 250.0)]
+    finally:
+        aa.close()
+        big.close()
+    for small, large in imgs:
+        box = cv2.resize(large, (96, 72), interpolation=cv2.INTER_AREA)
+        d = np.abs(small.astype(int) - box.astype(int))
+        # The sky is shaded once per output pixel instead of four times: it is smooth.
+        assert d.mean() < 0.5 and np.mean(d > 12) < 0.005
+        # And it is anti-aliased: fewer hard steps between neighbours than one sample.
+        one = large[::2, ::2].astype(int)
+        assert np.abs(np.diff(small.astype(int), axis=1)).mean() < np.abs(
+            np.diff(one, axis=1)).mean()
+
+
+def test_meshes_face_outwards_so_back_faces_can_be_culled(city):
+    """Every triangle is wound counter-clockwise seen from the side its normal points to."""
+    from geozoom_ros.world.city import chunk_mesh
+    seen = set()
+    for i in (-1, 0):
+        for j in (-1, 0):
+            flat, _, solid, _ = chunk_mesh(city, (i * 256, j * 256, (i + 1) * 256,
+                                                  (j + 1) * 256))
+            for arr in (flat, solid):
+                t = arr.reshape(-1, 3, arr.shape[1])
+                g = np.cross(t[:, 1, :3] - t[:, 0, :3], t[:, 2, :3] - t[:, 0, :3])
+                assert np.all(np.einsum('ij,ij->i', g, t[:, :, 3:6].mean(1)) > 0)
+                seen |= set(np.unique(t[:, 0, 6]).astype(int).tolist())
+    assert {1, 3, 4, 5, 6, 8, 9} <= seen  # roads, roofs, walls, trees, grass, landmarks
+
+
+def test_indexed_meshes_keep_every_triangle():
+    from geozoom_ros.world.render_gl import _indexed
+    rng = np.random.default_rng(0)
+    pool = rng.random((7, 12)).astype(np.float32)
+    tris = pool[rng.integers(0, 7, 60)]
+    verts, index = _indexed(tris)
+    assert len(verts) <= 7 and index.dtype == np.uint32
+    assert np.array_equal(verts[index], tris)
+    v0, i0 = _indexed(np.zeros((0, 12), np.float32))
+    assert len(v0) == 0 and len(i0) == 0
+
+
+def test_a_mirrored_orthophoto_grid_is_the_mirror_image(renderer):
+    """Culling follows the winding of the grid: a grid mirrored east-west still shows roofs."""
+    n, half = 64, 60.0
+    a = [[2 * half / n, 0.0, -half], [0.0, -2 * half / n, half]]
+    mirrored = [[-2 * half / n, 0.0, half], [0.0, -2 * half / n, half]]
+    ids = renderer.render_ortho(a, n, n, labels=True)
+    ids_m = renderer.render_ortho(mirrored, n, n, labels=True)
+    assert (ids > 0).mean() > 0.05  # buildings in the box
+    assert np.mean(ids_m[:, ::-1] == ids) > 0.98
+    rgb = renderer.render_ortho(a, n, n).astype(int)
+    rgb_m = renderer.render_ortho(mirrored, n, n).astype(int)
+    assert np.abs(rgb_m[:, ::-1] - rgb).mean() < 1.0
+
+
+def test_bench_world_latency_and_a_bad_train_size(city, renderer, capsys):
+    from geozoom_ros.cli import main
+    from geozoom_ros.world import dataset as D
+    from geozoom_ros.world.bench import _latency
+    views = D.sample_views(city, 3)
+    res = _latency(renderer, views, (64, 48), n=3)
+    assert 0.0 < res['wall_p50_ms'] < 10000.0 and res['cpu_p50_ms'] > 0.0
+    assert main(['bench', 'world', '--train-size', '256by192', '--big-m', '0']) == 2
+    err = capsys.readouterr().err.strip()
+    assert '\n' not in err and '--train-size' in err and 'WxH' in err
