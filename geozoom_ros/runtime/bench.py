@@ -120,20 +120,22 @@ def _backend_latency(backend, bundle_path, model, frames, warmup, beam, threads)
         loc.localize(images[i % len(images)], heading_deg=heading)
     lat = {'encoder': [], 'search': [], 'total': []}
     rss0 = _rss()
-    # Resident memory is also sampled after a tenth of the frames: a leak grows linearly,
-    # while the allocator's one-off growth (pools, caches) happens early.
-    tenth, rss_tenth = max(1, frames // 10), None
+    # Resident memory is sampled after every tenth of the frames: a leak grows linearly to
+    # the end, while the allocators' one-off growth (pools, arenas) levels off early.
+    tenth, samples = max(1, frames // 10), []
     for i in range(frames):
         fix = loc.localize(images[i % len(images)], heading_deg=heading)
         for key in lat:
             lat[key].append(fix.latency_ms[key])
-        if i + 1 == tenth:
-            rss_tenth = _rss()
+        if (i + 1) % tenth == 0:
+            samples.append(_rss())
     row = {key: _pct(v) for key, v in lat.items()}
     row['search_over_encoder_p50'] = row['search']['p50'] / row['encoder']['p50']
     rss_end = _rss()
     row['rss_growth_bytes'] = rss_end - rss0
-    row['rss_growth_last_90pct_bytes'] = rss_end - rss_tenth
+    row['rss_samples_bytes'] = samples
+    row['rss_growth_second_half_bytes'] = rss_end - samples[len(samples) // 2 - 1] \
+        if len(samples) >= 2 else 0
     row['frames'] = frames
     return row, loc
 
@@ -358,7 +360,7 @@ def _print(res):
               f'{r["search"]["p50"]:9.2f} {r["search"]["p95"]:9.2f} {r["total"]["p50"]:8.2f} '
               f'{r["total"]["p95"]:8.2f} {r["search_over_encoder_p50"]:8.2f}  '
               f'rss growth {r["rss_growth_bytes"] / 1e6:.1f} MB over {r["frames"]} frames '
-              f'({r["rss_growth_last_90pct_bytes"] / 1e6:.1f} MB over the last 90 %)')
+              f'({r["rss_growth_second_half_bytes"] / 1e6:.1f} MB over the second half)')
     for name, why in res['unavailable'].items():
         print(f'{name:<12} unavailable: {why}')
     c = res['compute']

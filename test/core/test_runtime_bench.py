@@ -21,7 +21,7 @@ def _check_latency(row):
     for part in ('encoder', 'search', 'total'):
         assert row[part]['p95'] >= row[part]['p50'] > 0
     assert row['search_over_encoder_p50'] > 0 and row['frames'] == 3
-    assert 'rss_growth_last_90pct_bytes' in row
+    assert 'rss_growth_second_half_bytes' in row and len(row['rss_samples_bytes']) == 3
 
 
 def test_bench_reports_every_figure(world):
