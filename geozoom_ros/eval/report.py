@@ -394,7 +394,8 @@ def summary_rows(metrics):
             rows.append(('final error, odometry alone / fused',
                          _f(fu['final_error_ratio_odometry_over_fused'], digits=1) + ' x'))
     lat = metrics.get('latency_ms') or {}
-    rows.append(('latency p50 / p95', f'{_f(lat.get("p50"))} / {_f(lat.get("p95"))} ms'))
+    if lat.get('p50') is not None:  # fixes recorded from a node carry no latency of their own
+        rows.append(('latency p50 / p95', f'{_f(lat.get("p50"))} / {_f(lat.get("p95"))} ms'))
     return rows
 
 
