@@ -243,11 +243,9 @@ def _prior_start(bundle, prior, box):
 
 def _shortlist_roots(roots, bundle, shortlist, g, max_roots):
     """Return the ``max_roots`` of ``roots`` that ``shortlist`` ranks best for ``g``."""
-    index = {(r.x, r.y): i for i, r in enumerate(bundle.roots)}
-    scores = shortlist.root_scores(g)
-    s = np.array([scores[index[(r.x, r.y)]] for r in roots])
-    order = np.argsort(-s, kind='stable')[:max_roots]
-    return [roots[i] for i in order if np.isfinite(s[i])] or [roots[order[0]]]
+    among = None if len(roots) == len(bundle.roots) else \
+        [shortlist.root_index[(r.x, r.y)] for r in roots]
+    return [bundle.roots[i] for i in shortlist.select(g, max_roots, among)] or roots[:1]
 
 
 def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlist=None,

@@ -21,11 +21,10 @@ from pathlib import Path
 import numpy as np
 
 from geozoom_ros.errors import InputError
+from geozoom_ros.search import MIN_COVERAGE
 
 #: Names of the auxiliary projection tensors in a zoom policy's model.safetensors.
 AUX_KEYS = ('aux_ground.weight', 'aux_ground.bias', 'aux_map.weight', 'aux_map.bias')
-#: Views with less imagery than this are never shortlisted (as in the search).
-MIN_COVERAGE = 1e-3
 
 
 def load_aux_weights(model_path):
@@ -84,8 +83,9 @@ class RootShortlist:
             keep = np.asarray(bundle.coverage[rows], np.float32) >= MIN_COVERAGE
             xs, ys, rows = xs[keep], ys[keep], rows[keep]
         shift = level * int(round(np.log2(bundle.k)))
-        root_of = {(r.x, r.y): i for i, r in enumerate(bundle.roots)}
-        root_ids = np.array([root_of.get((int(x) >> shift, int(y) >> shift), -1)
+        #: Index in ``bundle.roots`` of each root, by ``(x, y)``.
+        self.root_index = {(r.x, r.y): i for i, r in enumerate(bundle.roots)}
+        root_ids = np.array([self.root_index.get((int(x) >> shift, int(y) >> shift), -1)
                              for x, y in zip(xs, ys)], np.int64)
         keep = root_ids >= 0
         rows, self.root_ids = rows[keep], root_ids[keep]
@@ -114,9 +114,13 @@ class RootShortlist:
         np.maximum.at(scores, self.root_ids, sims)
         return scores
 
-    def select(self, g, count):
-        """Return the indices of the ``count`` best roots for ``g``, best first."""
+    def select(self, g, count, among=None):
+        """Return indices (into ``bundle.roots``) of the ``count`` best roots for ``g``.
+
+        Best first; ``among`` (root indices) restricts the choice; roots without imagery are
+        left out.
+        """
         scores = self.root_scores(g)
-        order = np.argsort(-scores, kind='stable')
-        order = order[np.isfinite(scores[order])]
-        return order[:max(1, int(count))]
+        cand = np.arange(self.num_roots) if among is None else np.asarray(among, np.int64)
+        cand = cand[np.isfinite(scores[cand])]
+        return cand[np.argsort(-scores[cand], kind='stable')[:max(1, int(count))]]

@@ -53,6 +53,9 @@ def test_the_root_holding_the_most_similar_cell_ranks_first(six_roots):
         assert np.all(scores <= 1.0 + 1e-3)
         order = sl.select(g, 3)
         assert len(order) == 3 and b.roots[order[0]] == want
+        # Restricted to other roots (a prior's region), the ranking is the same without it.
+        others = [i for i in range(6) if i != order[0]]
+        assert np.array_equal(sl.select(g, 2, among=others), order[1:3])
         # The query's scale does not matter: it is normalised.
         assert np.array_equal(RootShortlist(b, _weights(7.0)).select(g, 3), order)
 
