@@ -210,11 +210,11 @@ def save(calibration, path):
 def resolve(calibration, model_path, model_sha256=None):
     """Return the Calibration to use, or None.
 
-    ``calibration``: 'auto' (``<model_dir>/calibration.json`` when present), None or False
-    (none), a path, or a :class:`Calibration`. A file fitted for another model (by hash)
-    raises MismatchError.
+    ``calibration``: 'auto' (``<model_dir>/calibration.json`` when present), None, False or
+    'none' (none), a path, or a :class:`Calibration`. A file fitted for another model (by
+    hash) raises MismatchError.
     """
-    if calibration is None or calibration is False:
+    if calibration is None or calibration is False or calibration == 'none':
         return None
     if isinstance(calibration, Calibration):
         cal = calibration
@@ -226,7 +226,7 @@ def resolve(calibration, model_path, model_sha256=None):
     elif isinstance(calibration, (str, Path)):
         cal = load(calibration)
     else:
-        raise InputError(f'calibration {calibration!r} must be "auto", None or a path to a '
+        raise InputError(f'calibration {calibration!r} must be "auto", "none" or a path to a '
                          f'{CALIBRATION_FILE}')
     cal.check_model(model_sha256)
     return cal

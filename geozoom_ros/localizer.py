@@ -77,8 +77,8 @@ class GeoZoomLocalizer:
             ``geozoom_ros.shortlist``); 0 searches every root.
         shortlist_level: the token level whose cells rank the roots (1: 16 cells per root).
         calibration: the covariance calibration (``geozoom_ros.calibration``): 'auto' uses
-            ``<model_dir>/calibration.json`` when present, None or False none, or a path to a
-            calibration.json (or a ready Calibration). It applies when it has an entry for
+            ``<model_dir>/calibration.json`` when present; None, False or 'none' none; or a path
+            to a calibration.json (or a ready Calibration). It applies when it has an entry for
             ``method``; a file fitted for another model raises MismatchError.
         backend_options: keyword arguments for the backend (e.g. ``device='cuda'``).
     """

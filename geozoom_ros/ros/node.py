@@ -149,8 +149,7 @@ class GeoZoomNode(Node):
                                          beam_width=p.beam_width, method=p.method,
                                          cov_scale=p.cov_scale, max_roots=p.max_roots,
                                          shortlist_level=p.shortlist_level,
-                                         calibration=(None if p.calibration == 'none'
-                                                      else p.calibration), **options)
+                                         calibration=p.calibration, **options)
         self.localizer = localizer
         if p.datum_source == 'map_center':
             w, s, e, n = localizer.bundle.bounds

@@ -161,6 +161,7 @@ def test_resolve_auto_path_off_and_model_mismatch(tmp_path):
     assert C.calibration_path(model_dir / 'model.safetensors') == model_dir / C.CALIBRATION_FILE
     assert C.resolve('auto', model_dir, HASH).models == cal.models
     assert C.resolve(None, model_dir) is None and C.resolve(False, model_dir) is None
+    assert C.resolve('none', model_dir) is None
     other = C.save(C.Calibration({'zoom': C.CovarianceModel(3.0, 1.0, 0.0)}),
                    tmp_path / 'other.json')
     assert C.resolve(str(other), model_dir, HASH).models['zoom'].a == 3.0  # no hash: no check
