@@ -230,8 +230,8 @@ def _has_trt():
     return True
 
 
-def test_kv_cache_serves_the_search_without_recomputation(plain, monkeypatch):
-    ob, bundle = plain['onnx'], plain['bundle']
+def _count_kv_runs(ob, monkeypatch):
+    """Return the list the steps of ``ob``'s cached decoder runs are appended to."""
     calls = []
     run = ob._kv_run
 
@@ -239,6 +239,12 @@ def test_kv_cache_serves_the_search_without_recomputation(plain, monkeypatch):
         calls.append(t)
         return run(t, *args)
     monkeypatch.setattr(ob, '_kv_run', counting)
+    return calls
+
+
+def test_kv_cache_serves_the_search_without_recomputation(plain, monkeypatch):
+    ob, bundle = plain['onnx'], plain['bundle']
+    calls = _count_kv_runs(ob, monkeypatch)
     g = np.random.default_rng(9).standard_normal(D).astype(np.float32)
     result = beam(ob, bundle, g, 8)
     assert result.decoder_calls == STEPS
@@ -258,13 +264,7 @@ def test_parents_reuse_the_cache_and_wrong_parents_fall_back(plain, monkeypatch)
     g1, sat1 = g[order], sat[order]
     acts = np.array([[5], [1], [7]], np.int64)
     want = tb.step_logits(g1, sat1, acts)
-    calls = []
-    run = ob._kv_run
-
-    def counting(t, *args):
-        calls.append(t)
-        return run(t, *args)
-    monkeypatch.setattr(ob, '_kv_run', counting)
+    calls = _count_kv_runs(ob, monkeypatch)
     got = ob.step_logits(g1, sat1, acts, parents=order)
     assert calls == [1]  # the cached step 0 served every row
     np.testing.assert_allclose(got, want, atol=1e-4)
