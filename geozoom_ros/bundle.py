@@ -6,6 +6,9 @@ is encoded offline into a bundle directory::
     BUNDLE/manifest.json        what the bundle holds and what it was built from (JSON)
     BUNDLE/tokens.f16.npy       float16 [N, D] policy tokens, memory-mapped at load
     BUNDLE/coverage.f16.npy     float16 [N] imagery coverage fraction of each token's view
+    BUNDLE/keys.f16.npy         float16 [M, K] match keys, for a policy whose action head is
+                                'match': a unit key per cell of every level (the terminal
+                                level too), compared with the decoder's query
     BUNDLE/retrieval.f16.npy    optional float16 [M, E] retrieval-baseline embeddings
     BUNDLE/retrieval_heading.f16.npy  optional float16 [8, T, E]: terminal cells' crops rotated
                                 to 8 headings, for heading-aligned retrieval models
@@ -14,8 +17,9 @@ Levels are numbered from the roots (level 0, zoom ``root_zoom``) down to the ter
 ``steps`` (zoom ``root_zoom + steps * log2(k)``). Tokens exist for levels ``0 .. steps - 1``:
 the views the decoder consumes. At each level the bundle covers the rectangle of cells
 (``x0 .. x0 + nx - 1``, ``y0 .. y0 + ny - 1``) that intersect the map's bounds, so a cell's row
-is computed, not looked up: ``row = offset[level] + (y - y0) * nx + (x - x0)``. Cells outside
-that rectangle hold no imagery and are never visited by the search.
+is computed, not looked up: ``row = offset[level] + (y - y0) * nx + (x - x0)``. Arrays with
+a row for every level (keys, retrieval) use ``retrieval_offset`` in place of ``offset``. Cells
+outside that rectangle hold no imagery and are never visited by the search.
 
 Nothing here imports torch: building a bundle imports the torch backend inside
 :func:`build_bundle`; loading one needs only numpy.
@@ -42,6 +46,7 @@ MANIFEST = 'manifest.json'
 TOKENS_FILE = 'tokens.f16.npy'
 COVERAGE_FILE = 'coverage.f16.npy'
 RETRIEVAL_FILE = 'retrieval.f16.npy'
+KEYS_FILE = 'keys.f16.npy'
 RETRIEVAL_HEADING_FILE = 'retrieval_heading.f16.npy'
 #: Headings (evenly spaced from north) at which heading-aligned retrieval crops are stored.
 HEADING_BINS = 8
@@ -185,12 +190,14 @@ class Bundle:
         tokens: float16 ``[N, D]`` memory map.
         coverage: float16 ``[N]`` imagery coverage of each token's view (0..1).
         retrieval: float16 ``[M, E]`` retrieval embeddings of every level's cells, or None.
+        keys: float16 ``[M, K]`` match keys of every level's cells (match-head policies), or
+            None.
         retrieval_heading: float16 ``[bins, T, E]`` terminal-cell embeddings of crops rotated
             to ``bins`` evenly spaced headings (heading-aligned retrieval models), or None.
         model_hash: the hash of the model the tokens were made with.
     """
 
-    def __init__(self, path, manifest, tokens, coverage=None, retrieval=None):
+    def __init__(self, path, manifest, tokens, coverage=None, retrieval=None, keys=None):
         self.path = Path(path)
         self.manifest = manifest
         self.k = int(manifest['grid_k'])
@@ -204,6 +211,7 @@ class Bundle:
         self.tokens = tokens
         self.coverage = coverage
         self.retrieval = retrieval
+        self.keys = keys
         self.retrieval_heading = None
         self._zoom_to_level = {lv.zoom: lv for lv in self.levels}
 
@@ -261,6 +269,15 @@ class Bundle:
         rows = np.array([self.row_of(c) for c in cells], dtype=np.int64)
         return np.asarray(self.tokens[rows], dtype=np.float32).reshape(len(rows), -1)
 
+    def key_rows(self, level, x, y):
+        """Return ``(rows, valid)`` rows in :attr:`keys` of cells (x, y arrays) at a level."""
+        if self.keys is None:
+            raise InputError(f'bundle {self.path} has no match keys; rebuild it with geozoom '
+                             'index for a model whose action head is match')
+        lv = self.levels[level]
+        idx, valid = lv.local_index(x, y)
+        return idx + lv.retrieval_offset, valid
+
     def retrieval_rows(self, level, x, y):
         """Return ``(rows, valid)`` rows in :attr:`retrieval` of cells at a level index."""
         if self.retrieval is None:
@@ -283,6 +300,9 @@ class Bundle:
                 f'{str(want)[:8]}; rebuild it with geozoom index --map '
                 f'{m["map"].get("path", "MAP.mbtiles")} --model MODEL -o {self.path}')
         cfg = getattr(backend_or_hash, 'config', None)
+        if getattr(cfg, 'action_head', 'linear') == 'match' and self.keys is None:
+            raise MismatchError(f'bundle {self.path} has no match keys, which this model\'s '
+                                'match head needs; rebuild it with geozoom index')
         if cfg is not None:
             for key in ('grid_k', 'steps', 'root_zoom', 'embed_dim'):
                 value = getattr(cfg, key, None)
@@ -361,7 +381,10 @@ def load_bundle(path, backend_or_model_hash=None):
             term = manifest['levels'][-1]['cells']
             heading = _open_array(path / RETRIEVAL_HEADING_FILE,
                                   (int(r['heading_bins']), term, r['shape'][1]), 'retrieval')
-    bundle = Bundle(path, manifest, tokens, coverage, retrieval)
+    keys = None
+    if manifest.get('keys'):
+        keys = _open_array(path / KEYS_FILE, tuple(manifest['keys']['shape']), 'keys')
+    bundle = Bundle(path, manifest, tokens, coverage, retrieval, keys)
     bundle.retrieval_heading = heading
     bundle.check_model(backend_or_model_hash)
     return bundle
@@ -421,11 +444,13 @@ def _check_out_dir(out_dir):
         raise InputError(f'output folder {out_dir.parent} is not writable')
 
 
-def write_bundle(out_dir, levels, tokens, manifest_extra, coverage=None, retrieval=None):
+def write_bundle(out_dir, levels, tokens, manifest_extra, coverage=None, retrieval=None,
+                 keys=None):
     """Write a bundle from arrays already in memory (atomically) and return its path.
 
     ``tokens`` is ``[N, D]`` for the token levels of ``levels`` in row order; ``coverage`` is
-    ``[N]``; ``retrieval`` optionally ``[M, E]`` for all levels. ``manifest_extra`` must give
+    ``[N]``; ``retrieval`` optionally ``[M, E]`` and ``keys`` (match heads) ``[M, K]`` for all
+    levels. ``manifest_extra`` must give
     ``grid_k``, ``steps``, ``root_zoom``, ``map`` (with ``bounds``) and ``model`` (with
     ``hash``).
     """
@@ -447,6 +472,10 @@ def write_bundle(out_dir, levels, tokens, manifest_extra, coverage=None, retriev
             np.save(tmp / RETRIEVAL_FILE, np.asarray(retrieval, np.float16))
             ret_info = dict(manifest_extra.get('retrieval') or {})
             ret_info['shape'] = list(np.shape(retrieval))
+        if keys is not None:
+            np.save(tmp / KEYS_FILE, np.asarray(keys, np.float16))
+            manifest_extra = dict(manifest_extra, keys={
+                'file': KEYS_FILE, 'shape': list(np.shape(keys)), 'dtype': 'float16'})
         manifest = _manifest(levels, tokens.shape[1], manifest_extra, ret_info)
         _write_json(tmp / MANIFEST, manifest)
         _install_dir(tmp, out_dir)
@@ -476,6 +505,7 @@ def _manifest(levels, embed_dim, extra, retrieval_info):
         'num_tokens': sum(lv.count for lv in levels if lv.offset >= 0),
         'tokens': {'file': TOKENS_FILE, 'dtype': 'float16'},
         'retrieval': retrieval_info,
+        'keys': extra.get('keys'),
     }
     return manifest
 
@@ -574,9 +604,13 @@ def build_bundle(map_path, model_path, out_dir, batch_size=32, progress=True,
         and (out_dir / COVERAGE_FILE).is_file()
     tmp.mkdir()
     try:
+        keys_info = None
         if reuse:
             shutil.copyfile(out_dir / TOKENS_FILE, tmp / TOKENS_FILE)
             shutil.copyfile(out_dir / COVERAGE_FILE, tmp / COVERAGE_FILE)
+            if backend.uses_children:
+                shutil.copyfile(out_dir / KEYS_FILE, tmp / KEYS_FILE)
+                keys_info = _read_manifest(out_dir).get('keys')
         else:
             tokens = np.lib.format.open_memmap(tmp / TOKENS_FILE, mode='w+', dtype=np.float16,
                                                shape=(n, d))
@@ -589,6 +623,9 @@ def build_bundle(map_path, model_path, out_dir, batch_size=32, progress=True,
                               f'level {lv.index} (zoom {lv.zoom})', coverage[sl])
             tokens.flush()
             coverage.flush()
+            if backend.uses_children:
+                keys_info = _build_keys(store, levels, backend, tokens, tmp, batch_size,
+                                        progress, render_view)
             del tokens, coverage
         ret_info = None
         if retr is not None:
@@ -599,6 +636,7 @@ def build_bundle(map_path, model_path, out_dir, batch_size=32, progress=True,
             'map': {'path': str(map_path), 'sha256': map_sha, 'bounds': list(bounds)},
             'model': {'hash': backend.model_hash, 'path': str(model_path),
                       'encoder': getattr(cfg, 'encoder', None)},
+            'keys': keys_info,
         }
         manifest = _manifest(levels, d, extra, ret_info)
         _write_json(tmp / MANIFEST, manifest)
@@ -609,6 +647,29 @@ def build_bundle(map_path, model_path, out_dir, batch_size=32, progress=True,
     finally:
         store.close()
     return out_dir
+
+
+def _build_keys(store, levels, backend, tokens, tmp, batch_size, progress, render_view):
+    """Write the match keys of every level's cells (terminal views are encoded here)."""
+    m = sum(lv.count for lv in levels)
+    dim = int(backend.step_dim)
+    out = np.lib.format.open_memmap(tmp / KEYS_FILE, mode='w+', dtype=np.float16,
+                                    shape=(m, dim))
+    size = int(backend.config.view_size)
+    for lv in levels:
+        sl = slice(lv.retrieval_offset, lv.retrieval_offset + lv.count)
+        if lv.offset >= 0:
+            for start in range(0, lv.count, 4096):
+                stop = min(lv.count, start + 4096)
+                tok = np.asarray(tokens[lv.offset + start:lv.offset + stop], np.float32)
+                out[sl.start + start:sl.start + stop] = backend.match_keys(tok)
+        else:
+            _encode_cells(lv.cells(), lambda c: render_view(store, c, size),
+                          lambda views: backend.match_keys(backend.encode_map(views)),
+                          out[sl], batch_size, progress, f'keys level {lv.index} (zoom {lv.zoom})')
+    out.flush()
+    del out
+    return {'file': KEYS_FILE, 'shape': [m, dim], 'dtype': 'float16'}
 
 
 def _build_retrieval(store, levels, retr, tmp, batch_size, progress, context_m, render_crop):

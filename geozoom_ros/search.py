@@ -2,7 +2,8 @@
 
 The search encodes nothing: map-view tokens come from the bundle, the camera frame's ground
 token ``g`` is given, and each zoom level costs one batched ``backend.step_logits`` call over
-all live hypotheses.
+all live hypotheses. For a policy with a match head that call returns a query per hypothesis,
+and the children's logits are its dot products with their keys, read from the bundle.
 
 Probabilities. A hypothesis's probability is the product of its step softmax probabilities.
 Children that hold no imagery (outside the bundle's cells, or views with zero coverage) and,
@@ -241,6 +242,21 @@ def _prior_start(bundle, prior, box):
     return 0, None, roots
 
 
+def children_logits(backend, bundle, out, level, cx, cy):
+    """Return float64 ``[n, k*k]`` logits of the children ``(cx, cy)`` (at ``level``).
+
+    ``out`` is the step output of ``backend.step_logits``: the logits themselves for a linear
+    action head; for a match head a query per row, whose dot products with the children's keys
+    (computed once per map, in the bundle) are the logits.
+    """
+    n = len(cx)
+    if getattr(backend, 'uses_children', False):
+        rows, _ = bundle.key_rows(level, cx, cy)
+        keys = np.asarray(bundle.keys[rows.ravel()], np.float32).reshape(n, rows.shape[1], -1)
+        out = np.einsum('nd,nkd->nk', np.asarray(out, np.float32).reshape(n, -1), keys)
+    return np.asarray(out, dtype=np.float64).reshape(n, -1)
+
+
 def _shortlist_roots(roots, bundle, shortlist, g, max_roots):
     """Return the ``max_roots`` of ``roots`` that ``shortlist`` ranks best for ``g``."""
     among = None if len(roots) == len(bundle.roots) else \
@@ -305,10 +321,10 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
         kw = {'parents': parent} if tell_parents and parent is not None else {}
         logits = backend.step_logits(np.repeat(g, n, axis=0), sat, actions, **kw)
         calls += 1
-        logits = np.asarray(logits, dtype=np.float64).reshape(n, kk)
         cx = xs[:, None] * k + cc[None, :]
         cy = ys[:, None] * k + rr[None, :]
         nxt = bundle.levels[lv + 1]
+        logits = children_logits(backend, bundle, logits, lv + 1, cx, cy)
         valid = nxt.inside(cx, cy)
         if nxt.offset >= 0 and bundle.coverage is not None:
             idx, _ = nxt.local_index(cx, cy)

@@ -35,8 +35,8 @@ from geozoom_ros.bundle import load_bundle
 from geozoom_ros.errors import InputError, MismatchError
 from geozoom_ros.eval import metrics
 from geozoom_ros.geo import actions_between, ancestor, cell_at, check_latlon, destination
-from geozoom_ros.search import (beam, cell_center_merc, greedy, hypotheses_covariance,
-                                merc_to_latlon, Prior)
+from geozoom_ros.search import (beam, cell_center_merc, children_logits, greedy,
+                                hypotheses_covariance, merc_to_latlon, Prior)
 
 METHODS = ('zoom', 'zoom-beam', 'retrieval', 'sim-zoom', 'ground-knn')
 DEFAULT_GT_TOPIC = '/gps/fix_truth'
@@ -229,10 +229,11 @@ def zoom_step_correct(backend, bundle, gs, lats, lons, batch=256):
             len(b), steps, -1)
         term = [cell_at(lats[i], lons[i], bundle.terminal.zoom) for i in b]
         for t in range(steps):
-            logits = backend.step_logits(gs[b], sat_all[:, :t + 1], acts[b, :t])
+            out_t = backend.step_logits(gs[b], sat_all[:, :t + 1], acts[b, :t])
             parents = [ancestor(c, bundle.levels[t].zoom) for c in term]
-            valid, _, _ = _valid_children(bundle, t, (np.array([p.x for p in parents]),
-                                                      np.array([p.y for p in parents])))
+            valid, cx, cy = _valid_children(bundle, t, (np.array([p.x for p in parents]),
+                                                        np.array([p.y for p in parents])))
+            logits = children_logits(backend, bundle, out_t, t + 1, cx, cy)
             logits = np.where(valid, logits, -np.inf)
             out[b, t] = (np.argmax(logits, axis=1) == acts[b, t]).astype(float)
     return out

@@ -111,6 +111,13 @@ class PolicyConfig:
     #: 'grid': the map head pools the feature map onto the k x k child grid before projecting,
     #: so the token says what lies in which child; 'avg': global average pooling.
     map_pool: str = 'grid'
+    #: How a decoder step scores the k*k children. 'linear': a learned k*k-way head over the
+    #: decoder state (the paper's). 'match': the decoder state becomes a query that is compared
+    #: with a key made from each child's own view token, so a child is chosen by what its view
+    #: shows, never by its slot; keys are computed once per map and kept in the bundle.
+    action_head: str = 'linear'
+    #: Width of the query and key vectors of ``action_head: match``.
+    match_dim: int = 64
     #: Keep batch-norm running statistics frozen at their ImageNet values while fine-tuning.
     freeze_bn: bool = True
     #: Retrieval only: side of the overhead crop centred on a terminal cell (metres) and
@@ -132,6 +139,11 @@ class PolicyConfig:
     def num_actions(self):
         """Number of children per step (k*k)."""
         return self.grid_k * self.grid_k
+
+    @property
+    def step_dim(self):
+        """Width of one decoder step's output: k*k logits, or the query of a match head."""
+        return self.match_dim if self.action_head == 'match' else self.num_actions
 
     def validate(self, where='PolicyConfig'):
         """Raise ConfigError if a value is out of range."""
@@ -161,6 +173,11 @@ class PolicyConfig:
             raise ConfigError(f'{where}: map_pool={self.map_pool!r} must be grid or avg')
         if self.context_m <= 0:
             raise ConfigError(f'{where}: context_m must be > 0 metres')
+        if self.action_head not in ('linear', 'match'):
+            raise ConfigError(f'{where}: action_head={self.action_head!r} must be linear or '
+                              'match')
+        if self.match_dim < 4:
+            raise ConfigError(f'{where}: match_dim={self.match_dim} must be >= 4')
 
     def to_dict(self):
         """Return a JSON-ready dict."""

@@ -5,7 +5,16 @@ cell view and an embedding of each action taken. Each token gets a learned *type
 (ground, satellite, action) and its place in the sequence enters only through rotary position
 embeddings: there is no cell identifier anywhere, so the decoder can only choose a child from
 what the images show, never from which cell it is in.
+
+Two read-outs score the k*k children of a step. ``linear`` (the paper's) maps the decoder state
+to k*k logits, one per child slot. ``match`` maps it to a unit query scaled by a learned
+temperature; each child gets a unit key made from its own view token (:meth:`match_keys`), and a
+child's logit is the dot product. A linear head can learn which slot held the training images of
+a cell it recognises; a match head has to compare the camera with each child's view, the
+cross-view signal that carries over to places never trained on.
 """
+
+import math
 
 import torch
 from torch import nn
@@ -93,20 +102,44 @@ class ZoomDecoder(nn.Module):
     """Causal transformer over ``[g, s0, a0, s1, a1, ...]`` giving next-action logits.
 
     ``dim`` is the token width, ``num_actions`` the number of children per step (k*k).
+    ``action_head`` is 'linear' or 'match' (module docstring); ``match_dim`` the query width.
     """
 
-    def __init__(self, dim, num_actions, layers=6, heads=8, dropout=0.1):
+    def __init__(self, dim, num_actions, layers=6, heads=8, dropout=0.1, action_head='linear',
+                 match_dim=64):
         super().__init__()
         self.dim, self.heads, self.num_actions = dim, heads, num_actions
+        self.action_head = action_head
         self.type_embed = nn.Embedding(3, dim)
         self.action_embed = nn.Embedding(num_actions, dim)
         self.in_norm = RMSNorm(dim)
         self.drop = nn.Dropout(dropout)
         self.blocks = nn.ModuleList(Block(dim, heads, dropout) for _ in range(layers))
         self.norm = RMSNorm(dim)
-        self.head = nn.Linear(dim, num_actions)
+        if action_head == 'match':
+            self.head = nn.Linear(dim, match_dim)
+            self.key_norm = RMSNorm(dim)
+            self.key = nn.Linear(dim, match_dim)
+            self.match_logit_scale = nn.Parameter(torch.tensor(math.log(1 / 0.07)))
+        else:
+            self.head = nn.Linear(dim, num_actions)
         nn.init.normal_(self.type_embed.weight, std=0.02)
         nn.init.normal_(self.action_embed.weight, std=0.02)
+
+    def readout(self, x):
+        """Map final-normed decoder states [..., D] to step outputs.
+
+        Linear head: k*k logits. Match head: the unit query times the logit scale, so that
+        ``readout(x) @ match_keys(child_tokens).T`` are the children's logits.
+        """
+        if self.action_head != 'match':
+            return self.head(x)
+        scale = self.match_logit_scale.exp().clamp(max=100.0)
+        return F.normalize(self.head(x), dim=-1) * scale.to(x.dtype)
+
+    def match_keys(self, tokens):
+        """Return unit keys [..., match_dim] of child view tokens [..., D] (match head only)."""
+        return F.normalize(self.key(self.key_norm(tokens)), dim=-1)
 
     def sequence(self, g, sat, actions):
         """Interleave tokens: ``[g, s0, a0, ..., s_{T-1}]`` (+ ``a_{T-1}`` if len(actions)=T).
@@ -131,11 +164,10 @@ class ZoomDecoder(nn.Module):
         return torch.cat(tokens, dim=1), sat_pos
 
     def forward(self, g, sat, actions):
-        """Return next-action logits [B, T, k*k] read at every satellite position."""
+        """Return step outputs [B, T, k*k or match_dim] read at every satellite position."""
         x, sat_pos = self.sequence(g, sat, actions)
         cos, sin = rope_tables(x.shape[1], self.dim // self.heads, x.device, x.dtype)
         x = self.drop(x)
         for blk in self.blocks:
             x = blk(x, cos, sin)
-        x = self.norm(x[:, sat_pos])
-        return self.head(x)
+        return self.readout(self.norm(x[:, sat_pos]))

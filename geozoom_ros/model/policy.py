@@ -113,7 +113,8 @@ class ZoomPolicy(ImageModelBase):
         self.map_head = MapHead(c, d, config.grid_k, config.map_pool)
         self.heading_embed = HeadingEmbed(d) if config.heading_input else None
         self.decoder = ZoomDecoder(d, config.num_actions, config.decoder_layers,
-                                   config.decoder_heads, config.dropout)
+                                   config.decoder_heads, config.dropout, config.action_head,
+                                   config.match_dim)
         # Auxiliary contrastive projections (training only) and their temperature.
         self.aux_ground = nn.Linear(d, d)
         self.aux_map = nn.Linear(d, d)
@@ -144,8 +145,30 @@ class ZoomPolicy(ImageModelBase):
         fmap, pooled = self.encoder(x)
         return self.map_head(fmap, pooled)
 
+    @property
+    def uses_children(self):
+        """True when a step is scored against the children's view tokens (match head)."""
+        return self.config.action_head == 'match'
+
+    def child_logits(self, out, child_tokens=None):
+        """Turn step outputs [..., step_dim] into logits [..., k*k].
+
+        ``child_tokens`` [..., k*k, D] (the view tokens of each step's children, row-major) are
+        needed by a match head and ignored by a linear one.
+        """
+        if not self.uses_children:
+            return out
+        if child_tokens is None:
+            raise InputError('this model scores children by their views (action_head: match): '
+                             'pass the children\'s view tokens')
+        keys = self.decoder.match_keys(child_tokens).to(out.dtype)
+        return torch.einsum('...d,...kd->...k', out, keys)
+
     def forward(self, g, sat, actions):
-        """Teacher-forced logits [B, T, k*k] for ``[g, s0, a0, ..., s_{T-1}]``.
+        """Teacher-forced step outputs [B, T, step_dim] for ``[g, s0, a0, ..., s_{T-1}]``.
+
+        With a linear head these are the logits [B, T, k*k]; a match head's outputs become
+        logits through :meth:`child_logits`.
 
         ``g`` [B, D], ``sat`` [B, T, D] (views of the cells on the path, root first),
         ``actions`` [B, T] (long) the actions taken; logit t predicts action t and sees only
@@ -154,7 +177,11 @@ class ZoomPolicy(ImageModelBase):
         return self.decoder(g, sat, actions[:, :sat.shape[1] - 1])
 
     def step_logits(self, g, sat, actions):
-        """Return next-action logits [B, k*k] given ``sat`` [B, t+1, D], ``actions`` [B, t]."""
+        """Return the next step's outputs [B, step_dim].
+
+        ``sat`` is [B, t+1, D] and ``actions`` [B, t]; the outputs are logits for a linear head
+        (see :meth:`child_logits` for a match head).
+        """
         return self.decoder(g, sat, actions)[:, -1]
 
     def aux_embeddings(self, g, s):

@@ -51,8 +51,10 @@ class PolicyBackend(abc.ABC):
             actions: int64 ``[B, t]`` actions taken so far (``t`` may be 0).
 
         Returns:
-            float32 ``[B, k * k]`` logits of the action at step ``t`` (row-major, north-west
-            first).
+            float32 ``[B, step_dim]``: for a linear action head the logits of the action at
+            step ``t`` (``k * k``, row-major, north-west first); for a match head
+            (``config.action_head == 'match'``) the scaled query whose dot products with the
+            children's keys (held in the map bundle) are those logits.
         """
 
     def encode_map(self, images):
@@ -64,6 +66,16 @@ class PolicyBackend(abc.ABC):
     def grid_k(self):
         """Grid size k of the k x k zoom grid."""
         return int(self.config.grid_k)
+
+    @property
+    def step_dim(self):
+        """Width of one decoder step's output (k*k logits, or a match head's query)."""
+        return int(self.config.step_dim)
+
+    @property
+    def uses_children(self):
+        """True when step outputs are queries to be matched with the children's keys."""
+        return getattr(self.config, 'action_head', 'linear') == 'match'
 
     @property
     def steps(self):

@@ -56,7 +56,8 @@ def register(bench_sub):
     p.add_argument('--threads', type=int, default=1, help='CPU threads per backend (1)')
     p.add_argument('--beam', type=int, default=8, help='beam width (8)')
     p.add_argument('--backends', default='torch,onnxruntime,tensorrt',
-                   help='backends to try (those that cannot load are reported and skipped)')
+                   help='backends to try (those that cannot load are reported and skipped); '
+                        'torch-cuda runs the torch backend on the GPU')
     p.add_argument('--json', action='store_true', help='print the figures as JSON')
     p.set_defaults(func=_run)
 
@@ -111,8 +112,12 @@ def _backend_latency(backend, bundle_path, model, frames, warmup, beam, threads)
     from geozoom_ros.localizer import GeoZoomLocalizer
     from geozoom_ros.runtime import load_backend
 
-    kwargs = {'threads': threads} if backend in ('onnxruntime',) else {}
-    loc = GeoZoomLocalizer(bundle_path, model, backend=load_backend(backend, model, **kwargs),
+    kind, kwargs = backend, {}
+    if backend == 'onnxruntime':
+        kwargs = {'threads': threads}
+    elif backend == 'torch-cuda':  # the torch backend on the GPU
+        kind, kwargs = 'torch', {'device': 'cuda'}
+    loc = GeoZoomLocalizer(bundle_path, model, backend=load_backend(kind, model, **kwargs),
                            beam_width=beam)
     images = _frames(8)
     heading = 0.0 if loc.heading_input else None
@@ -236,7 +241,10 @@ def synthetic_bundle(area_km2, config, model_hash):
                           for x, y in zip(*levels[0].cell_arrays())],
                 'map': {'bounds': list(bounds)}, 'model': {'hash': model_hash}}
     tokens = SyntheticTokens(count, config.embed_dim)
-    return Bundle('<memory>', manifest, tokens), levels
+    keys = None
+    if getattr(config, 'action_head', 'linear') == 'match':
+        keys = SyntheticTokens(sum(lv.count for lv in levels), config.step_dim, seed=1)
+    return Bundle('<memory>', manifest, tokens, keys=keys), levels
 
 
 def _time(fn, repeats, min_s=0.0):
@@ -294,6 +302,8 @@ def scaling(backend, areas, beam=8, repeats=10, seed=0, max_roots=4):
         ivf.nprobe = min(nlist, 8)
         faiss_ivf = _time(lambda: ivf.search(q[None], 1), repeats)
         bundle_bytes = token_count * cfg.embed_dim * 2 + token_count * 2
+        if bundle.keys is not None:
+            bundle_bytes += len(bundle.keys) * bundle.keys.shape[1] * 2
         rows.append({'area_km2': float(area), 'roots': len(bundle.roots),
                      'tokens': token_count, 'gallery': n,
                      'zoom_beam_ms': zoom, 'zoom_beam_shortlist_ms': zoom_short,

@@ -147,7 +147,7 @@ def export_onnx(model_path, out_dir=None, beam=8, decoder='kv', progress=False):
     cfg = model.config
     out_dir = Path(out_dir) if out_dir is not None else mdir / 'onnx'
     out_dir.mkdir(parents=True, exist_ok=True)
-    d, kk, steps = cfg.embed_dim, cfg.num_actions, cfg.steps
+    d, kk, steps = cfg.embed_dim, cfg.step_dim, cfg.steps
     w, h = cfg.ground_size
     heading = bool(cfg.heading_input)
 
@@ -209,7 +209,7 @@ def export_onnx(model_path, out_dir=None, beam=8, decoder='kv', progress=False):
                 y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
                 x = x + blk.attn.proj(y.transpose(1, 2).reshape(b, n, dim))
                 x = x + blk.mlp(blk.norm2(x))
-            return dec.head(dec.norm(x[:, -1])), torch.stack(keys), torch.stack(values)
+            return dec.readout(dec.norm(x[:, -1])), torch.stack(keys), torch.stack(values)
 
     jobs = []
     x = torch.zeros(1, 3, h, w)

@@ -168,7 +168,7 @@ class OnnxBackend(PolicyBackend):
                              f'{self.steps}')
         if self.decoder == 'kv':
             return self._kv_logits(g, sat, actions, parents)
-        out = np.empty((n, self.grid_k ** 2), np.float32)
+        out = np.empty((n, self.step_dim), np.float32)
         bsz = self.beam
         for lo in range(0, n, bsz):
             m = min(bsz, n - lo)
@@ -247,7 +247,7 @@ class OnnxBackend(PolicyBackend):
         n, bsz, d = len(sat_t), self.beam, self.embed_dim
         heads = int(self.config.decoder_heads)
         layers = int(self.config.decoder_layers)
-        logits = np.empty((n, self.grid_k ** 2), np.float32)
+        logits = np.empty((n, self.step_dim), np.float32)
         keys = np.empty((layers, n, heads, 2 * t + 2, d // heads), np.float32)
         values = np.empty_like(keys)
         for lo in range(0, n, bsz):

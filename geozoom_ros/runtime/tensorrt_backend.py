@@ -152,7 +152,7 @@ class TensorRTBackend(PolicyBackend):
     def step_logits(self, g, sat, actions):
         """Return float32 ``[B, k*k]`` next-action logits (see PolicyBackend)."""
         n, t = len(g), actions.shape[1]
-        out = np.empty((n, self.grid_k ** 2), np.float32)
+        out = np.empty((n, self.step_dim), np.float32)
         b = self._ort.beam
         for lo in range(0, n, b):
             m = min(b, n - lo)

@@ -105,8 +105,14 @@ class TorchBackend(PolicyBackend):
             x = self.model.preprocess_map(list(images)).to(self.device)
             return self.model.encode_map(x).float().cpu().numpy()
 
+    def match_keys(self, tokens):
+        """Return float32 ``[N, match_dim]`` unit keys of view tokens ``[N, D]`` (match head)."""
+        with torch.inference_mode():
+            return self.model.decoder.match_keys(self._to(tokens, torch.float32)).float() \
+                .cpu().numpy()
+
     def step_logits(self, g, sat, actions):
-        """Return float32 ``[B, k*k]`` next-action logits (see PolicyBackend)."""
+        """Return float32 ``[B, step_dim]`` step outputs (see PolicyBackend)."""
         with torch.inference_mode():
             logits = self.model.step_logits(self._to(g, torch.float32),
                                             self._to(sat, torch.float32),

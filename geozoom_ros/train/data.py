@@ -109,6 +109,16 @@ class World:
         return [geo.Cell(*t) for t in mercantile.tiles(w + eps, s + eps, e - eps, n - eps,
                                                        [root_zoom])]
 
+    def coverage(self, cell):
+        """Return the fraction (0..1, in degrees) of ``cell`` that lies inside the map's bounds."""
+        w, s, e, n = self.bounds
+        cw, cs, ce, cn = geo.cell_bounds(cell)
+        dx = min(e, ce) - max(w, cw)
+        dy = min(n, cn) - max(s, cs)
+        if dx <= 0 or dy <= 0:
+            return 0.0
+        return float(dx * dy / ((ce - cw) * (cn - cs)))
+
     def contains(self, lat, lon):
         """Return whether a point (degrees) lies inside the map's bounds."""
         w, s, e, n = self.bounds
@@ -320,13 +330,20 @@ def _mark_heldout(world, train_split):
     world.heldout_only = held - train
 
 
-def softmax_mask(sample, world, k):
-    """Return a bool array [T, k*k]: True where a child may enter the training softmax."""
+def softmax_mask(sample, world, k, min_coverage=None):
+    """Return a bool array [T, k*k]: True where a child may enter the training softmax.
+
+    Children holding only held-out samples are left out; with ``min_coverage`` so are children
+    with less of their area inside the map (the search never scores those either).
+    """
     t = len(sample.actions)
     mask = np.ones((t, k * k), dtype=bool)
-    if world.heldout_only:
+    if world.heldout_only or min_coverage is not None:
         for i in range(t):
             for a, c in enumerate(geo.children(sample.cells[i], k)):
                 if c in world.heldout_only:
                     mask[i, a] = False
+                elif min_coverage is not None and world.coverage(c) < min_coverage:
+                    mask[i, a] = False
+            mask[i, sample.actions[i]] = True  # the true child always competes
     return mask

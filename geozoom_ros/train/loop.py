@@ -37,6 +37,7 @@ from geozoom_ros.model.encoders import freeze_early_layers, normalise
 from geozoom_ros.model.io import atomic_write_bytes, atomic_write_json, save_model, \
     tensors_to_bytes
 from geozoom_ros.model.retrieval import multi_positive_infonce
+from geozoom_ros.search import MIN_COVERAGE
 from geozoom_ros.train.data import decode_image, load_world, softmax_mask
 
 CHECKPOINT_FILE = 'checkpoint.safetensors'
@@ -295,12 +296,28 @@ def build_batch(data, idx, gen, method, train=True):
                     uniq[key] = len(views)
                     views.append(data.worlds[s.world].view(s.cells[i], cfg.view_size))
                 view_idx[b, i] = uniq[key]
+        match = cfg.action_head == 'match'
+        if match:
+            # A match head scores every child by its own view: render all k*k of each step.
+            kk = cfg.num_actions
+            child_idx = np.zeros((len(samples), t, kk), dtype=np.int64)
+            for b, s in enumerate(samples):
+                for i in range(t):
+                    for a, c in enumerate(geo.children(s.cells[i], cfg.grid_k)):
+                        key = (s.world, c)
+                        if key not in uniq:
+                            uniq[key] = len(views)
+                            views.append(data.worlds[s.world].view(c, cfg.view_size))
+                        child_idx[b, i, a] = uniq[key]
+            batch['child_idx'] = torch.from_numpy(child_idx)
         batch['views'] = augment_map(np.stack(views), gen, tc, train=train)
         batch['view_idx'] = torch.from_numpy(view_idx)
         batch['actions'] = torch.tensor([s.actions for s in samples], dtype=torch.long)
+        min_cov = MIN_COVERAGE if match else None
         batch['mask'] = torch.from_numpy(np.stack([
-            softmax_mask(s, data.worlds[s.world], cfg.grid_k) if tc.mask_heldout_cells
-            else np.ones((t, cfg.num_actions), bool) for s in samples]))
+            softmax_mask(s, data.worlds[s.world], cfg.grid_k, min_cov)
+            if tc.mask_heldout_cells or match else np.ones((t, cfg.num_actions), bool)
+            for s in samples]))
     else:
         uniq, crops, resid, crop_idx, cell_of = {}, [], [], [], []
         for b, s in enumerate(samples):
@@ -358,7 +375,8 @@ class TrainStep(torch.nn.Module):
         g = m.encode_ground(batch['ground'], heading)
         s = m.encode_map(batch['views'])
         view_idx, actions = batch['view_idx'], batch['actions']
-        logits = m(g, s[view_idx], actions)
+        children = s[batch['child_idx']] if 'child_idx' in batch else None
+        logits = m.child_logits(m(g, s[view_idx], actions), children)
         ce = smoothed_masked_ce(logits, actions, batch['mask'], tc.label_smoothing)
         loss = ce
         stats = {'ce': ce.detach(),
@@ -403,11 +421,38 @@ class _TokenCache:
         return torch.stack([self.tokens[c] for c in cells])
 
 
-def greedy_zoom(model, g, roots, tokens):
+def _step_logits(model, g, sat, actions, cells, tokens, covers):
+    """Return logits [B, k*k] of the next step from ``cells``.
+
+    A match head's children outside the map are masked, as the search masks children without
+    imagery.
+    """
+    out = model.step_logits(g, sat, actions)
+    if not model.uses_children:
+        return out.float()
+    k = model.config.grid_k
+    kids = [c for cell in cells for c in geo.children(cell, k)]
+    child_tok = tokens(kids).view(len(cells), k * k, -1)
+    logits = model.child_logits(out, child_tok.to(out.dtype)).float()
+    ok = torch.tensor([covers(c) >= MIN_COVERAGE for c in kids], device=logits.device)
+    return logits.masked_fill(~ok.view(len(cells), k * k), -float('inf'))
+
+
+def _children_tokens(model, paths, tokens):
+    """Tokens [B, T, k*k, D] of the children of each step's cell (match head), else None."""
+    if not model.uses_children:
+        return None
+    k, t = model.config.grid_k, model.config.steps
+    kids = [c for cells in paths for cell in cells[:t] for c in geo.children(cell, k)]
+    return tokens(kids).view(len(paths), t, k * k, -1)
+
+
+def greedy_zoom(model, g, roots, tokens, covers=None):
     """Greedy decode from every root; keep each query's most probable path.
 
-    ``g`` [B, D] ground tokens; ``tokens(cells) -> [n, D]``. Returns (terminal cells, log-probs
-    [B], per-query chosen root).
+    ``g`` [B, D] ground tokens; ``tokens(cells) -> [n, D]``; ``covers(cell) -> 0..1`` the
+    fraction of a cell inside the map (needed by a match head). Returns (terminal cells,
+    log-probs [B], per-query chosen root).
     """
     cfg = model.config
     k, b = cfg.grid_k, g.shape[0]
@@ -419,7 +464,8 @@ def greedy_zoom(model, g, roots, tokens):
         actions = torch.zeros((b, 0), dtype=torch.long, device=g.device)
         lp = torch.zeros(b)
         for _ in range(cfg.steps):
-            logp = torch.log_softmax(model.step_logits(g, sat, actions).float(), -1).cpu()
+            logp = torch.log_softmax(_step_logits(model, g, sat, actions, cells, tokens,
+                                                  covers), -1).cpu()
             a = logp.argmax(-1)
             lp += logp.gather(1, a[:, None]).squeeze(1)
             cells = [geo.child(c, int(ai), k) for c, ai in zip(cells, a)]
@@ -495,14 +541,15 @@ def _validate_zoom(model, world, samples, imgs, device, chunk=64):
         heading = torch.tensor([s.heading for s in ss], dtype=torch.float32, device=device)
         g = model.encode_ground(_ground_tensor(imgs[i:i + chunk], device),
                                 heading if cfg.heading_input else None)
-        cells, _ = greedy_zoom(model, g, roots, tokens)
+        cells, _ = greedy_zoom(model, g, roots, tokens, world.coverage)
         for s, c in zip(ss, cells):
             lat, lon = geo.cell_center(c)
             errors.append(geo.geodesic_distance_m(lat, lon, s.lat, s.lon))
         # Step accuracy given the correct path so far (teacher forcing).
         sat = torch.stack([tokens(list(s.cells[:cfg.steps])) for s in ss])
         actions = torch.tensor([s.actions for s in ss], dtype=torch.long, device=device)
-        pred = model(g, sat, actions).argmax(-1)
+        children = _children_tokens(model, [s.cells for s in ss], tokens)
+        pred = model.child_logits(model(g, sat, actions), children).argmax(-1)
         hits += (pred == actions).float().sum(0).cpu().numpy()
     return errors, hits
 

@@ -221,3 +221,46 @@ def test_heading_aligned_retrieval_stores_rotated_terminal_crops(world, tmp_path
     east = np.asarray(b.retrieval_heading[2], np.float32)
     # Rotated crops embed differently (except crops inside one uniform block of the texture).
     assert np.mean(np.abs(east - north).max(axis=1) > 1e-2) > 0.5
+
+
+def test_match_head_bundle_holds_a_key_for_every_cell_of_every_level(world, tmp_path):
+    from geozoom_ros.model.config import PolicyConfig
+    from geozoom_ros.model.io import save_model
+    from geozoom_ros.model.policy import ZoomPolicy
+    from geozoom_ros.runtime.torch_backend import TorchBackend
+    from geozoom_ros.tiles.store import open_store
+    from geozoom_ros.tiles.views import render_view
+    import torch
+
+    torch.manual_seed(1)
+    cfg = PolicyConfig(embed_dim=16, grid_k=K, steps=STEPS, root_zoom=ROOT_Z, view_size=32,
+                       ground_size=(32, 32), decoder_layers=1, decoder_heads=2, dropout=0.0,
+                       action_head='match', match_dim=8)
+    model_dir = save_model(ZoomPolicy(cfg, pretrained=False), tmp_path / 'match')
+    out = build_bundle(world['map'], model_dir, tmp_path / 'bundle', batch_size=8,
+                       progress=False)
+    backend = TorchBackend(model_dir)
+    b = load_bundle(out, backend)
+    levels = make_levels(world['bounds'], ROOT_Z, K, STEPS)
+    assert b.keys.shape == (sum(lv.count for lv in levels), 8) and b.keys.dtype == np.float16
+    assert b.manifest['keys']['shape'] == [sum(lv.count for lv in levels), 8]
+    # Token levels: the key of the stored token; the terminal level: the key of its view.
+    lv1, term = b.levels[1], b.terminal
+    c1 = lv1.cells()[2]
+    rows, _ = b.key_rows(1, np.array([c1.x]), np.array([c1.y]))
+    np.testing.assert_allclose(b.keys[rows[0]], backend.match_keys(b.tokens_for([c1]))[0],
+                               atol=2e-3)
+    store = open_store(world['map'])
+    ct = term.cells()[5]
+    want = backend.match_keys(backend.encode_map([render_view(store, ct, 32).image]))[0]
+    rows, _ = b.key_rows(term.index, np.array([ct.x]), np.array([ct.y]))
+    np.testing.assert_allclose(b.keys[rows[0]], want, atol=2e-3)
+    assert np.allclose(np.linalg.norm(np.asarray(b.keys, np.float32), axis=1), 1.0, atol=2e-3)
+    # A bundle without keys is refused for a match-head model, in one line.
+    (out / 'keys.f16.npy').unlink()
+    m = json.loads((out / MANIFEST).read_text())
+    m['keys'] = None
+    (out / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(MismatchError, match='no match keys') as err:
+        load_bundle(out, backend)
+    assert '\n' not in str(err.value)

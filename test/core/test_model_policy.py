@@ -61,6 +61,42 @@ def test_policy_api_and_step_logits_match_forward():
         model.preprocess_ground([np.zeros((4, 4), np.float32)])
 
 
+def test_match_head_scores_children_by_their_views_not_their_slots():
+    torch.manual_seed(0)
+    model = ZoomPolicy(tiny(action_head='match', match_dim=8), pretrained=False).eval()
+    assert model.config.step_dim == 8 and model.uses_children
+    g, s = torch.randn(2, 32), torch.randn(2, 3, 32)
+    actions = torch.randint(0, 16, (2, 3))
+    kids = torch.randn(2, 3, 16, 32)
+    with torch.no_grad():
+        q = model(g, s, actions)
+        assert q.shape == (2, 3, 8)
+        # Queries are unit vectors times the learned temperature; keys are unit vectors.
+        scale = float(model.decoder.match_logit_scale.exp())
+        assert torch.allclose(q.norm(dim=-1), torch.full((2, 3), scale), rtol=1e-5)
+        keys = model.decoder.match_keys(kids)
+        assert torch.allclose(keys.norm(dim=-1), torch.ones(2, 3, 16), rtol=1e-5)
+        logits = model.child_logits(q, kids)
+        assert logits.shape == (2, 3, 16)
+        assert torch.allclose(logits, (q[:, :, None] * keys).sum(-1), atol=1e-5)
+        # Moving the views to other slots moves their logits with them: a child is scored by
+        # what its view shows, whichever slot it sits in.
+        perm = torch.randperm(16)
+        assert torch.allclose(model.child_logits(q, kids[:, :, perm]), logits[:, :, perm],
+                              atol=1e-5)
+        # Step-by-step outputs equal the teacher-forced ones.
+        for t in range(3):
+            assert torch.allclose(model.step_logits(g, s[:, :t + 1], actions[:, :t]), q[:, t],
+                                  atol=1e-5)
+    with pytest.raises(InputError, match='children'):
+        model.child_logits(q)
+    linear = ZoomPolicy(tiny(), pretrained=False).eval()
+    out = torch.randn(2, 16)
+    assert linear.child_logits(out, kids[:, 0]) is out  # a linear head ignores the views
+    with pytest.raises(ConfigError, match='action_head'):
+        tiny(action_head='pointer').validate()
+
+
 def test_heading_input_changes_only_the_ground_token():
     torch.manual_seed(0)
     model = ZoomPolicy(tiny(heading_input=True), pretrained=False).eval()

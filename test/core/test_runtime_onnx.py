@@ -16,7 +16,7 @@ from geozoom_ros.bundle import load_bundle, make_levels, write_bundle
 from geozoom_ros.errors import InputError
 from geozoom_ros.geo import cell_at, cell_bounds
 from geozoom_ros.runtime import BackendUnavailable, load_backend
-from geozoom_ros.search import beam, greedy
+from geozoom_ros.search import beam, children_logits, greedy
 
 torch = pytest.importorskip('torch')
 ort = pytest.importorskip('onnxruntime')
@@ -33,12 +33,12 @@ TOL = 1e-4
 K, STEPS, ROOT_Z, D = 4, 3, 14, 32
 
 
-def _policy(folder, heading=False, seed=0):
+def _policy(folder, heading=False, seed=0, head='linear'):
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     cfg = PolicyConfig(embed_dim=D, grid_k=K, steps=STEPS, root_zoom=ROOT_Z, view_size=32,
                        ground_size=(48, 32), decoder_layers=2, decoder_heads=4, dropout=0.0,
-                       heading_input=heading)
+                       heading_input=heading, action_head=head, match_dim=8)
     model = ZoomPolicy(cfg, pretrained=False).eval()
     with torch.no_grad():
         # Spread the untrained decoder's logits so the paths are decided by clear margins.
@@ -46,7 +46,7 @@ def _policy(folder, heading=False, seed=0):
     return save_model(model, folder)
 
 
-def _bundle(folder, digest):
+def _bundle(folder, digest, match_dim=0):
     # Two root cells side by side, so the search also ranks paths across roots.
     root = cell_at(48.137, 11.575, ROOT_Z)
     w, s, _, n = cell_bounds(root)
@@ -58,7 +58,13 @@ def _bundle(folder, digest):
     extra = {'grid_k': K, 'steps': STEPS, 'root_zoom': ROOT_Z, 'view_size': 32,
              'map': {'path': 'synthetic', 'sha256': 'x', 'bounds': [w, s, e, n]},
              'model': {'hash': digest}}
-    return load_bundle(write_bundle(folder, levels, tokens, extra, np.ones(count, np.float32)))
+    keys = None
+    if match_dim:
+        keys = np.random.default_rng(2).standard_normal(
+            (sum(lv.count for lv in levels), match_dim))
+        keys /= np.linalg.norm(keys, axis=1, keepdims=True)
+    return load_bundle(write_bundle(folder, levels, tokens, extra, np.ones(count, np.float32),
+                                    keys=keys))
 
 
 def _images(n=4):
@@ -158,6 +164,45 @@ def test_search_parity_greedy_and_beam(plain):
         np.testing.assert_allclose(_softmax(ob.step_logits(g2, sat, acts)),
                                    _softmax(tb.step_logits(g2, sat, acts)), atol=TOL, rtol=0)
     assert len(distinct) > 1  # the frames lead to different paths: parity is not vacuous
+
+
+def test_match_head_parity_through_search_and_keys_decide_the_path(tmp_path):
+    model = _policy(tmp_path / 'model', head='match')
+    tb, ob = TorchBackend(model), OnnxBackend(model, threads=1)
+    assert ob.step_dim == 8 and ob.uses_children
+    bundle = _bundle(tmp_path / 'bundle', tb.model_hash, match_dim=8)
+    rng = np.random.default_rng(4)
+    for t in range(STEPS):
+        g = rng.standard_normal((3, D)).astype(np.float32)
+        sat = rng.standard_normal((3, t + 1, D)).astype(np.float32)
+        acts = rng.integers(0, K * K, (3, t))
+        np.testing.assert_allclose(ob.step_logits(g, sat, acts), tb.step_logits(g, sat, acts),
+                                   atol=TOL, rtol=0)
+    paths = set()
+    for g in rng.standard_normal((4, D)).astype(np.float32):
+        for run in (lambda b: greedy(b, bundle, g), lambda b: beam(b, bundle, g, 8)):
+            rt, ro = run(tb), run(ob)
+            assert [h.path for h in ro.hypotheses] == [h.path for h in rt.hypotheses]
+            np.testing.assert_allclose([h.prob for h in ro.hypotheses],
+                                       [h.prob for h in rt.hypotheses], atol=TOL, rtol=0)
+            paths.add(rt.hypotheses[0].path)
+    assert len(paths) > 1
+    # The keys decide: swapping two children's keys swaps their logits and nothing else.
+    g = rng.standard_normal((1, D)).astype(np.float32)
+    root = bundle.roots[0]
+    out = tb.step_logits(g, np.asarray(bundle.tokens_for([root]))[None], np.zeros((1, 0), int))
+    ar = np.arange(K * K)
+    cx, cy = root.x * K + ar[None] % K, root.y * K + ar[None] // K
+    before = children_logits(tb, bundle, out, 1, cx, cy)
+    rows, ok = bundle.key_rows(1, cx[0, :2], cy[0, :2])
+    assert ok.all()
+    keys = np.array(bundle.keys)
+    keys[rows] = keys[rows[::-1]]
+    bundle.keys = keys
+    after = children_logits(tb, bundle, out, 1, cx, cy)
+    np.testing.assert_allclose(after[0, [1, 0]], before[0, :2], atol=1e-6)
+    np.testing.assert_allclose(after[0, 2:], before[0, 2:], atol=1e-6)
+    assert abs(before[0, 0] - before[0, 1]) > 1e-3
 
 
 def test_heading_model_with_and_without_heading(tmp_path):

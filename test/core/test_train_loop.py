@@ -44,8 +44,9 @@ def world(tmp_path_factory):
     return make_world(tmp, n_rows=32, splits=splits)
 
 
-@pytest.mark.parametrize('method', ['zoom', 'retrieval'])
-def test_teacher_forced_loss_decreases_on_a_tiny_set(world, method):
+@pytest.mark.parametrize('method,head', [('zoom', 'linear'), ('zoom', 'match'),
+                                         ('retrieval', 'linear')])
+def test_teacher_forced_loss_decreases_on_a_tiny_set(world, method, head):
     tiles, csv_path, _ = world
     torch.manual_seed(0)
     preset = _preset(method, aug_color=0.0, aug_blur=0.0, aug_crop_min=1.0,
@@ -53,12 +54,22 @@ def test_teacher_forced_loss_decreases_on_a_tiny_set(world, method):
                      heading_noise_deg=0.0, label_smoothing=0.0, lr=1e-3,
                      aux_contrastive_weight=0.0)
     preset.model.dropout = 0.0
+    preset.model.action_head = head
     data = load_data([(tiles, csv_path)], preset, progress=False)
     from geozoom_ros.model.policy import ZoomPolicy
     from geozoom_ros.model.retrieval import RetrievalModel
     model = (ZoomPolicy if method == 'zoom' else RetrievalModel)(preset.model)
     step = TrainStep(model, method, preset.train)
     batch = build_batch(data, list(range(8)), torch.Generator().manual_seed(0), method)
+    if head == 'match':
+        # Every step's k*k children are rendered and indexed; the true child is among them.
+        kids, idx = batch['child_idx'], batch['view_idx']
+        k2 = preset.model.num_actions
+        assert kids.shape == (8, preset.model.steps, k2)
+        true = kids.gather(2, batch['actions'][..., None]).squeeze(2)
+        assert torch.equal(true[:, :-1], idx[:, 1:])
+        # Children outside the map never enter the softmax; the true child always does.
+        assert batch['mask'].gather(2, batch['actions'][..., None]).all()
     opt = torch.optim.AdamW(param_groups(model, preset.train))
     model.train()
     losses = []
@@ -180,3 +191,25 @@ def test_auxiliary_infonce_over_the_chosen_levels(world, levels):
     want = torch.stack(terms).mean() if terms else torch.tensor(0.0)
     assert float(stats['aux']) == pytest.approx(float(want), rel=1e-5, abs=1e-6)
     assert float(loss) == pytest.approx(float(stats['ce']) + float(want), rel=1e-5)
+
+
+def test_match_head_validation_stays_inside_the_map(world):
+    from geozoom_ros.model.policy import ZoomPolicy
+    from geozoom_ros.train.loop import _TokenCache, greedy_zoom, validate
+
+    tiles, csv_path, _ = world
+    torch.manual_seed(0)
+    preset = _preset()
+    preset.model.action_head = 'match'
+    data = load_data([(tiles, csv_path)], preset, progress=False)
+    model = ZoomPolicy(preset.model).eval()
+    w = data.worlds[0]
+    metrics = validate(model, data, 'zoom', 'cpu')
+    assert metrics['n'] == 4 and len(metrics['step_accuracy']) == preset.model.steps
+    with torch.no_grad():
+        g = torch.randn(6, preset.model.embed_dim) * 3
+        tokens = _TokenCache(w, model.encode_map, preset.model.view_size, 'cpu')
+        cells, logp = greedy_zoom(model, g, w.roots(preset.model.root_zoom), tokens, w.coverage)
+    # Children outside the map are never chosen, so every path ends on the map.
+    assert all(w.coverage(c) > 0 for c in cells)
+    assert torch.isfinite(logp).all() and (logp <= 0).all()
