@@ -213,6 +213,10 @@ class TrainConfig:
     #: of the sequence) or 'all' (one InfoNCE per level, averaged: every level's embedding is
     #: then a trained cross-view match, which the root shortlist relies on at level 1).
     aux_levels: str = 'last'
+    #: Match head only: the share of training samples whose zoom path is laid on a grid moved
+    #: by a random offset (whole cells of the level above the terminal one), so the coarse
+    #: levels show many distinct views instead of the map grid's few. 0 = the map's grid only.
+    grid_shift: float = 0.0
     #: 'auto' (bf16 on CUDA where supported, else fp16; off on CPU), 'bf16', 'fp16', 'off'.
     amp: str = 'auto'
     #: Validate (greedy decode, Recall@1 within 50 m) every N epochs; 0 = never.
@@ -265,6 +269,8 @@ class TrainConfig:
             raise ConfigError(f'{where}: val_frac must be in [0, 1)')
         if not 0 < self.aug_crop_min <= 1:
             raise ConfigError(f'{where}: aug_crop_min must be in (0, 1]')
+        if not 0 <= self.grid_shift <= 1:
+            raise ConfigError(f'{where}: grid_shift={self.grid_shift} must be in [0, 1]')
         if self.aux_levels not in ('last', 'all'):
             raise ConfigError(f'{where}: aux_levels={self.aux_levels!r} must be last or all')
 

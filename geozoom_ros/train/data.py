@@ -74,6 +74,63 @@ class LoadReport:
         return text
 
 
+#: The unshifted grid.
+NO_SHIFT = (0, 0)
+
+
+def _tile_lon(x, z):
+    return x / 2.0 ** z * 360.0 - 180.0
+
+
+def _tile_lat(y, z):
+    return math.degrees(math.atan(math.sinh(math.pi * (1.0 - 2.0 * y / 2.0 ** z))))
+
+
+def _tile_xy(lat, lon, z):
+    n = 2.0 ** z
+    s = math.sin(math.radians(lat))
+    return (lon + 180.0) / 360.0 * n, (0.5 - math.log((1 + s) / (1 - s)) / (4 * math.pi)) * n
+
+
+def shifted_bounds(cell, shift, shift_zoom):
+    """Return ``(west, south, east, north)`` degrees of ``cell`` in a shifted grid.
+
+    The grid is moved by ``shift`` = (sx, sy) whole cells of ``shift_zoom`` (east, south); a
+    cell of that zoom or deeper stays a cell of the map's own grid.
+    """
+    if shift == NO_SHIFT:
+        return geo.cell_bounds(cell)
+    f = 2.0 ** (shift_zoom - cell.z)
+    x0, y0 = cell.x + shift[0] / f, cell.y + shift[1] / f
+    return (_tile_lon(x0, cell.z), _tile_lat(y0 + 1, cell.z), _tile_lon(x0 + 1, cell.z),
+            _tile_lat(y0, cell.z))
+
+
+def unshift(cell, shift, shift_zoom):
+    """Return the map-grid cell that ``cell`` (zoom >= ``shift_zoom``) of a shifted grid is."""
+    m = 2 ** (cell.z - shift_zoom)
+    return geo.Cell(cell.x + shift[0] * m, cell.y + shift[1] * m, cell.z)
+
+
+def shifted_path(sample, shift, shift_zoom, root_zoom, steps, k):
+    """Return ``(cells, actions)`` of a sample's zoom path in a shifted grid.
+
+    Training on grids moved by random offsets shows the policy many more distinct coarse
+    views than the map's one grid has (a 1 km city holds a handful of 400 m cells), so it
+    cannot win by recognising the few views that held training images.
+    """
+    if shift == NO_SHIFT:
+        return sample.cells, sample.actions
+    x, y = _tile_xy(sample.lat, sample.lon, shift_zoom)
+    lat, lon = _tile_lat(y - shift[1], shift_zoom), _tile_lon(x - shift[0], shift_zoom)
+    root = geo.cell_at(lat, lon, root_zoom)
+    actions = tuple(geo.path_to(root, lat, lon, steps, k))
+    cells = [root]
+    for a in actions:
+        cells.append(geo.child(cells[-1], a, k))
+    return tuple(cells), actions
+
+
 class World:
     """A map and its samples. ``store`` is a tile store (``tiles.store.open_store``).
 
@@ -109,10 +166,13 @@ class World:
         return [geo.Cell(*t) for t in mercantile.tiles(w + eps, s + eps, e - eps, n - eps,
                                                        [root_zoom])]
 
-    def coverage(self, cell):
-        """Return the fraction (0..1, in degrees) of ``cell`` that lies inside the map's bounds."""
+    def coverage(self, cell, shift=NO_SHIFT, shift_zoom=0):
+        """Return the fraction (0..1, in degrees) of a cell inside the map's bounds.
+
+        With ``shift`` the cell is the square of a shifted grid (see :func:`shifted_bounds`).
+        """
         w, s, e, n = self.bounds
-        cw, cs, ce, cn = geo.cell_bounds(cell)
+        cw, cs, ce, cn = shifted_bounds(cell, shift, shift_zoom)
         dx = min(e, ce) - max(w, cw)
         dy = min(n, cn) - max(s, cs)
         if dx <= 0 or dy <= 0:
@@ -143,6 +203,24 @@ class World:
             from geozoom_ros.tiles.views import render_view
             return render_view(self.store, cell, size).image
         return self._cached(('v', cell, size), render)
+
+    def shifted_view(self, cell, shift, shift_zoom, size):
+        """Return the north-up view of ``cell``'s square in a shifted grid, cached.
+
+        At zooms from ``shift_zoom`` down the shifted square is a cell of the map's own grid
+        (the shift is whole cells there); above it the square straddles cells and is rendered
+        as a crop of the same ground size.
+        """
+        if shift == NO_SHIFT:
+            return self.view(cell, size)
+        if cell.z >= shift_zoom:
+            return self.view(unshift(cell, shift, shift_zoom), size)
+        w, s, e, n = shifted_bounds(cell, shift, shift_zoom)
+        f = 2.0 ** (shift_zoom - cell.z)
+        lon = _tile_lon(cell.x + shift[0] / f + 0.5, cell.z)
+        lat = _tile_lat(cell.y + shift[1] / f + 0.5, cell.z)
+        side = geo.cell_size_m(geo.cell_at(lat, lon, cell.z))
+        return self.crop(lat, lon, side, size, 0.0, key=('shift', cell, shift, shift_zoom))
 
     def crop(self, lat, lon, side_m, size, heading_deg=0.0, key=None):
         """Return a crop of ``side_m`` metres centred on (lat, lon), heading up; cached by key."""
@@ -328,6 +406,25 @@ def _mark_heldout(world, train_split):
     for s in world.samples:
         (train if s.split == train_split else held).update(s.cells[1:])
     world.heldout_only = held - train
+
+
+def shifted_mask(world, cells, actions, shift, shift_zoom, k, min_coverage):
+    """Return a bool array [T, k*k] for a match head's softmax on a (shifted) grid path.
+
+    Children with less than ``min_coverage`` of their square on the map are left out, and so
+    are map-grid children holding only held-out samples; the true child always competes.
+    """
+    t = len(actions)
+    mask = np.ones((t, k * k), dtype=bool)
+    for i in range(t):
+        for a, c in enumerate(geo.children(cells[i], k)):
+            if (shift == NO_SHIFT or c.z >= shift_zoom) \
+                    and unshift(c, shift, shift_zoom) in world.heldout_only:
+                mask[i, a] = False
+            elif world.coverage(c, shift, shift_zoom) < min_coverage:
+                mask[i, a] = False
+        mask[i, actions[i]] = True
+    return mask
 
 
 def softmax_mask(sample, world, k, min_coverage=None):

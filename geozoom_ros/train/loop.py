@@ -38,7 +38,8 @@ from geozoom_ros.model.io import atomic_write_bytes, atomic_write_json, save_mod
     tensors_to_bytes
 from geozoom_ros.model.retrieval import multi_positive_infonce
 from geozoom_ros.search import MIN_COVERAGE
-from geozoom_ros.train.data import decode_image, load_world, softmax_mask
+from geozoom_ros.train.data import (decode_image, load_world, NO_SHIFT, shifted_mask,
+                                    shifted_path, softmax_mask, unshift)
 
 CHECKPOINT_FILE = 'checkpoint.safetensors'
 LOG_FILE = 'train_log.json'
@@ -288,36 +289,49 @@ def build_batch(data, idx, gen, method, train=True):
     batch['heading'] = torch.nan_to_num(heading % 360.0, nan=0.0)
     if method == 'zoom':
         t = cfg.steps
-        uniq, views, view_idx = {}, [], np.zeros((len(samples), t), dtype=np.int64)
-        for b, s in enumerate(samples):
-            for i in range(t):
-                key = (s.world, s.cells[i])
-                if key not in uniq:
-                    uniq[key] = len(views)
-                    views.append(data.worlds[s.world].view(s.cells[i], cfg.view_size))
-                view_idx[b, i] = uniq[key]
         match = cfg.action_head == 'match'
+        # A match head may train on shifted grids (TrainConfig.grid_shift); whole cells of the
+        # level above the terminal one, so the finest two levels stay on the map's grid.
+        shift_zoom = cfg.root_zoom + (t - 1) * cfg.levels_per_step
+        paths = []
+        for s in samples:
+            shift = NO_SHIFT
+            if match and train and tc.grid_shift > 0 \
+                    and float(torch.rand(1, generator=gen)) < tc.grid_shift:
+                shift = tuple(int(v) for v in torch.randint(0, cfg.num_actions, (2,),
+                                                            generator=gen))
+            cells, actions = shifted_path(s, shift, shift_zoom, cfg.root_zoom, t, cfg.grid_k)
+            paths.append((cells, actions, shift))
+        uniq, views = {}, []
+
+        def view_index(w, cell, shift):
+            key = (w, cell, shift) if shift != NO_SHIFT and cell.z < shift_zoom else \
+                (w, unshift(cell, shift, shift_zoom) if shift != NO_SHIFT else cell)
+            if key not in uniq:
+                uniq[key] = len(views)
+                views.append(data.worlds[w].shifted_view(cell, shift, shift_zoom,
+                                                         cfg.view_size))
+            return uniq[key]
+
+        view_idx = np.array([[view_index(s.world, cells[i], shift) for i in range(t)]
+                             for s, (cells, _, shift) in zip(samples, paths)], dtype=np.int64)
         if match:
             # A match head scores every child by its own view: render all k*k of each step.
-            kk = cfg.num_actions
-            child_idx = np.zeros((len(samples), t, kk), dtype=np.int64)
-            for b, s in enumerate(samples):
-                for i in range(t):
-                    for a, c in enumerate(geo.children(s.cells[i], cfg.grid_k)):
-                        key = (s.world, c)
-                        if key not in uniq:
-                            uniq[key] = len(views)
-                            views.append(data.worlds[s.world].view(c, cfg.view_size))
-                        child_idx[b, i, a] = uniq[key]
-            batch['child_idx'] = torch.from_numpy(child_idx)
+            batch['child_idx'] = torch.tensor([
+                [[view_index(s.world, c, shift) for c in geo.children(cells[i], cfg.grid_k)]
+                 for i in range(t)] for s, (cells, _, shift) in zip(samples, paths)])
         batch['views'] = augment_map(np.stack(views), gen, tc, train=train)
         batch['view_idx'] = torch.from_numpy(view_idx)
-        batch['actions'] = torch.tensor([s.actions for s in samples], dtype=torch.long)
-        min_cov = MIN_COVERAGE if match else None
-        batch['mask'] = torch.from_numpy(np.stack([
-            softmax_mask(s, data.worlds[s.world], cfg.grid_k, min_cov)
-            if tc.mask_heldout_cells or match else np.ones((t, cfg.num_actions), bool)
-            for s in samples]))
+        batch['actions'] = torch.tensor([a for _, a, _ in paths], dtype=torch.long)
+        if match:
+            masks = [shifted_mask(data.worlds[s.world], cells, actions, shift, shift_zoom,
+                                  cfg.grid_k, MIN_COVERAGE)
+                     for s, (cells, actions, shift) in zip(samples, paths)]
+        else:
+            masks = [softmax_mask(s, data.worlds[s.world], cfg.grid_k)
+                     if tc.mask_heldout_cells else np.ones((t, cfg.num_actions), bool)
+                     for s in samples]
+        batch['mask'] = torch.from_numpy(np.stack(masks))
     else:
         uniq, crops, resid, crop_idx, cell_of = {}, [], [], [], []
         for b, s in enumerate(samples):

@@ -213,3 +213,35 @@ def test_match_head_validation_stays_inside_the_map(world):
     # Children outside the map are never chosen, so every path ends on the map.
     assert all(w.coverage(c) > 0 for c in cells)
     assert torch.isfinite(logp).all() and (logp <= 0).all()
+
+
+def test_shifted_grids_keep_each_sample_inside_its_path(world):
+    from geozoom_ros.train.data import shifted_bounds, shifted_path, unshift
+
+    tiles, csv_path, _ = world
+    preset = _preset(grid_shift=1.0)
+    preset.model.action_head = 'match'
+    cfg = preset.model
+    data = load_data([(tiles, csv_path)], preset, progress=False)
+    w = data.worlds[0]
+    zs = cfg.root_zoom + (cfg.steps - 1) * cfg.levels_per_step
+    for s in w.samples[:6]:
+        for shift in [(0, 0), (1, 0), (3, 2), (15, 15)]:
+            cells, actions = shifted_path(s, shift, zs, cfg.root_zoom, cfg.steps, cfg.grid_k)
+            assert len(actions) == cfg.steps and len(cells) == cfg.steps + 1
+            for c in cells:
+                west, south, east, north = shifted_bounds(c, shift, zs)
+                assert west <= s.lon <= east and south <= s.lat <= north
+            # The finest levels are the map's own cells: the terminal cell is the sample's.
+            assert unshift(cells[-1], shift, zs) == s.cells[-1]
+            if shift != (0, 0):
+                assert cells[0] != s.cells[0] or actions != s.actions
+    batch = build_batch(data, list(range(8)), torch.Generator().manual_seed(1), 'zoom')
+    kids, idx = batch['child_idx'], batch['view_idx']
+    true = kids.gather(2, batch['actions'][..., None]).squeeze(2)
+    assert torch.equal(true[:, :-1], idx[:, 1:])
+    assert batch['mask'].gather(2, batch['actions'][..., None]).all()
+    # Shifted coarse squares are new views: more distinct views than the map grid offers.
+    plain = build_batch(data, list(range(8)), torch.Generator().manual_seed(1), 'zoom',
+                        train=False)
+    assert batch['views'].shape[0] > plain['views'].shape[0]
