@@ -116,6 +116,11 @@ def _backend_latency(backend, bundle_path, model, frames, warmup, beam, threads)
     if backend == 'onnxruntime':
         kwargs = {'threads': threads}
     elif backend == 'torch-cuda':  # the torch backend on the GPU
+        import torch
+
+        from geozoom_ros.runtime import BackendUnavailable
+        if not torch.cuda.is_available():
+            raise BackendUnavailable('backend torch-cuda: CUDA is not available here')
         kind, kwargs = 'torch', {'device': 'cuda'}
     loc = GeoZoomLocalizer(bundle_path, model, backend=load_backend(kind, model, **kwargs),
                            beam_width=beam)

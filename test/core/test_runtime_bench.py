@@ -25,9 +25,15 @@ def _check_latency(row):
 
 
 def test_bench_reports_every_figure(world):
+    import torch
+
     res = run_bench(world['model'], world['bundle'], frames=3, warmup=1, areas=(1, 4),
-                    scaling_repeats=2)
-    assert set(res['backends']) == {'torch', 'onnxruntime'} or 'tensorrt' in res['backends']
+                    scaling_repeats=2, backends=('torch', 'onnxruntime', 'tensorrt',
+                                                 'torch-cuda'))
+    assert {'torch', 'onnxruntime'} <= set(res['backends'])
+    if not torch.cuda.is_available():
+        assert res['unavailable']['torch-cuda'] == \
+            'backend torch-cuda: CUDA is not available here'
     for row in res['backends'].values():
         _check_latency(row)
     if 'tensorrt' not in res['backends']:
@@ -56,13 +62,21 @@ def test_bench_reports_every_figure(world):
 
 
 def test_synthetic_bundle_grows_with_area(world):
+    from dataclasses import replace
+
     from geozoom_ros.runtime import load_backend
 
     backend = load_backend('torch', world['model'])
     small, _ = synthetic_bundle(1.0, backend.config, backend.model_hash)
-    big, _ = synthetic_bundle(100.0, backend.config, backend.model_hash)
+    big, levels = synthetic_bundle(100.0, backend.config, backend.model_hash)
     assert len(big.tokens) > 50 * len(small.tokens)
     assert big.tokens[[0, 5]].shape == (2, backend.config.embed_dim)
+    assert big.keys is None
+    # A match-head model's bundle also holds a key per cell of every level.
+    cfg = replace(backend.config, action_head='match', match_dim=8)
+    matched, _ = synthetic_bundle(100.0, cfg, backend.model_hash)
+    assert len(matched.keys) == sum(lv.count for lv in levels)
+    assert matched.keys[[0, 3]].shape == (2, 8)
 
 
 def test_bench_cli_json(world, capsys):
