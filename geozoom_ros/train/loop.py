@@ -761,6 +761,9 @@ def train(pairs, out_dir, preset=None, resume=False, epochs=None, max_minutes=No
         preset.train.max_minutes = float(max_minutes)
     preset.train.validate()
     cfg, tc, method = preset.model, preset.train, preset.method
+    if tc.grid_shift > 0 and (method != 'zoom' or cfg.action_head != 'match'):
+        raise ConfigError(f'train.grid_shift={tc.grid_shift} needs a zoom policy with '
+                          'model.action_head: match; set grid_shift to 0 or use a match head')
     if tc.threads > 0:
         torch.set_num_threads(tc.threads)
     torch.manual_seed(tc.seed)

@@ -215,6 +215,16 @@ def test_match_head_validation_stays_inside_the_map(world):
     assert torch.isfinite(logp).all() and (logp <= 0).all()
 
 
+def test_grid_shift_needs_a_match_head(world, tmp_path):
+    from geozoom_ros.errors import ConfigError
+
+    tiles, csv_path, _ = world
+    with pytest.raises(ConfigError, match='action_head: match') as err:
+        train([(tiles, csv_path)], tmp_path / 'm', _preset(grid_shift=0.5), progress=False)
+    assert '\n' not in str(err.value)
+    assert not (tmp_path / 'm').exists()
+
+
 def test_shifted_grids_keep_each_sample_inside_its_path(world):
     from geozoom_ros.train.data import shifted_bounds, shifted_path, unshift
 
