@@ -148,6 +148,7 @@ def _index(args):
           f'{m["num_tokens"]} tokens x {b.embed_dim}, levels '
           f'{"/".join(str(c) for c in m["cells_per_level"])} cells, model '
           f'{b.model_hash[:8]}, {size / 1e6:.1f} MB'
+          + (f', match keys x {b.keys.shape[1]}' if b.keys is not None else '')
           + (', with retrieval embeddings' if b.retrieval is not None else ''))
     return 0
 
