@@ -41,7 +41,7 @@ from geozoom_ros.fileio import atomic_write, atomic_write_json
 
 MANIFEST = 'manifest.json'
 FORMAT = 'geozoom-onnx'
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: lean rotary embedding in the key/value steps
 OPSET = 17
 DECODERS = ('kv', 'per-step', 'full')
 
@@ -77,6 +77,8 @@ def is_current(out_dir, model_hash, beam=None, decoder=None):
     manifest = read_manifest(out_dir)
     if manifest is None or manifest.get('model_hash') != model_hash:
         return False
+    if int(manifest.get('format_version', 0)) != FORMAT_VERSION:
+        return False  # exported by another version of this package: export again
     if beam is not None and int(manifest['beam']) != int(beam):
         return False
     if decoder is not None and manifest['decoder'] != decoder:
@@ -179,8 +181,8 @@ def export_onnx(model_path, out_dir=None, beam=8, decoder='kv', progress=False):
         # Step t feeds the two new tokens (g, s_0 at t = 0; a_{t-1}, s_t later) and the
         # keys/values of the 2t earlier ones; it returns the logits and the grown cache.
         def forward(self, *inputs):
-            from geozoom_ros.model.decoder import (apply_rope, rope_tables, TYPE_ACTION,
-                                                   TYPE_GROUND, TYPE_SAT)
+            from geozoom_ros.model.decoder import (rope_tables, TYPE_ACTION, TYPE_GROUND,
+                                                   TYPE_SAT)
 
             dec, t = self.m.decoder, self.t
             types = dec.type_embed.weight
@@ -193,14 +195,23 @@ def export_onnx(model_path, out_dir=None, beam=8, decoder='kv', progress=False):
             x = torch.stack((first, dec.in_norm(sat_t) + types[TYPE_SAT]), dim=1)
             length, heads = 2 * t + 2, dec.heads
             cos, sin = rope_tables(length, dec.dim // heads, x.device, x.dtype)
-            cos, sin = cos[2 * t:], sin[2 * t:]
+            # Rotary embedding as x * C + (x @ R) * S with constant tables: four operators
+            # instead of the slices, stacks and reshapes of apply_rope (same values).
+            cos_i = cos[2 * t:].repeat_interleave(2, dim=-1)
+            sin_i = sin[2 * t:].repeat_interleave(2, dim=-1)
+            dh = dec.dim // heads
+            rot = torch.zeros(dh, dh, dtype=x.dtype)
+            idx = torch.arange(0, dh, 2)
+            rot[idx + 1, idx] = -1.0  # out[2i] = -x[2i + 1]
+            rot[idx, idx + 1] = 1.0   # out[2i + 1] = x[2i]
             mask = torch.ones(2, length, dtype=torch.bool).tril(diagonal=length - 2)
             keys, values = [], []
             for i, blk in enumerate(dec.blocks):
                 b, n, dim = x.shape
                 q, k, v = blk.attn.qkv(blk.norm1(x)).view(b, n, 3, heads, dim // heads) \
                     .permute(2, 0, 3, 1, 4)
-                q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+                q = q * cos_i + (q @ rot) * sin_i
+                k = k * cos_i + (k @ rot) * sin_i
                 if t > 0:
                     k = torch.cat((past_k[i], k), dim=2)
                     v = torch.cat((past_v[i], v), dim=2)

@@ -25,7 +25,8 @@ onnx = pytest.importorskip('onnx')
 from geozoom_ros.model.config import PolicyConfig  # noqa: E402,I100
 from geozoom_ros.model.io import model_hash, save_model  # noqa: E402
 from geozoom_ros.model.policy import ZoomPolicy  # noqa: E402
-from geozoom_ros.runtime.export import is_current, read_manifest  # noqa: E402
+from geozoom_ros.runtime.export import (FORMAT_VERSION, is_current,  # noqa: E402
+                                        read_manifest)
 from geozoom_ros.runtime.onnx_backend import OnnxBackend, preprocess  # noqa: E402
 from geozoom_ros.runtime.torch_backend import TorchBackend  # noqa: E402
 
@@ -227,6 +228,14 @@ def test_stale_export_is_redone(tmp_path):
     backend = OnnxBackend(model, threads=1)
     assert backend.model_hash == model_hash(model) != first
     assert read_manifest(model / 'onnx')['model_hash'] == backend.model_hash
+    # An export written by another version of the package is redone too.
+    manifest_path = model / 'onnx' / 'manifest.json'
+    manifest = json.loads(manifest_path.read_text())
+    manifest['format_version'] = 1
+    manifest_path.write_text(json.dumps(manifest))
+    assert not is_current(model / 'onnx', backend.model_hash)
+    OnnxBackend(model, threads=1)
+    assert read_manifest(model / 'onnx')['format_version'] == FORMAT_VERSION
 
 
 def test_tensorrt_unavailable_in_one_line_and_auto_falls_back(plain):
