@@ -112,6 +112,19 @@ def unshift(cell, shift, shift_zoom):
     return geo.Cell(cell.x + shift[0] * m, cell.y + shift[1] * m, cell.z)
 
 
+def square_id(cell, shift, shift_zoom):
+    """Return a hashable identity of the square ``cell`` covers in a shifted grid.
+
+    The map-grid cell where the square is one (no shift, or a zoom from ``shift_zoom`` down),
+    else ``(cell, shift)``.
+    """
+    if shift == NO_SHIFT:
+        return cell
+    if cell.z >= shift_zoom:
+        return unshift(cell, shift, shift_zoom)
+    return (cell, shift)
+
+
 def shifted_path(sample, shift, shift_zoom, root_zoom, steps, k):
     """Return ``(cells, actions)`` of a sample's zoom path in a shifted grid.
 

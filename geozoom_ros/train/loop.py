@@ -39,7 +39,7 @@ from geozoom_ros.model.io import atomic_write_bytes, atomic_write_json, save_mod
 from geozoom_ros.model.retrieval import multi_positive_infonce
 from geozoom_ros.search import MIN_COVERAGE
 from geozoom_ros.train.data import (decode_image, load_world, NO_SHIFT, shifted_mask,
-                                    shifted_path, softmax_mask, unshift)
+                                    shifted_path, softmax_mask, square_id)
 
 CHECKPOINT_FILE = 'checkpoint.safetensors'
 LOG_FILE = 'train_log.json'
@@ -305,8 +305,7 @@ def build_batch(data, idx, gen, method, train=True):
         uniq, views = {}, []
 
         def view_index(w, cell, shift):
-            key = (w, cell, shift) if shift != NO_SHIFT and cell.z < shift_zoom else \
-                (w, unshift(cell, shift, shift_zoom) if shift != NO_SHIFT else cell)
+            key = (w, square_id(cell, shift, shift_zoom))
             if key not in uniq:
                 uniq[key] = len(views)
                 views.append(data.worlds[w].shifted_view(cell, shift, shift_zoom,
