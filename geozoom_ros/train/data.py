@@ -129,8 +129,9 @@ def shifted_path(sample, shift, shift_zoom, root_zoom, steps, k):
     """Return ``(cells, actions)`` of a sample's zoom path in a shifted grid.
 
     Training on grids moved by random offsets shows the policy many more distinct coarse
-    views than the map's one grid has (a 1 km city holds a handful of 400 m cells), so it
-    cannot win by recognising the few views that held training images.
+    views than the map's one grid has (a 1 km city holds a handful of 400 m cells); it is
+    meant to keep the policy from winning by recognising the few views that held training
+    images (measured in the README: it did not help at the budgets tried).
     """
     if shift == NO_SHIFT:
         return sample.cells, sample.actions
@@ -228,7 +229,6 @@ class World:
             return self.view(cell, size)
         if cell.z >= shift_zoom:
             return self.view(unshift(cell, shift, shift_zoom), size)
-        w, s, e, n = shifted_bounds(cell, shift, shift_zoom)
         f = 2.0 ** (shift_zoom - cell.z)
         lon = _tile_lon(cell.x + shift[0] / f + 0.5, cell.z)
         lat = _tile_lat(cell.y + shift[1] / f + 0.5, cell.z)
@@ -440,20 +440,13 @@ def shifted_mask(world, cells, actions, shift, shift_zoom, k, min_coverage):
     return mask
 
 
-def softmax_mask(sample, world, k, min_coverage=None):
-    """Return a bool array [T, k*k]: True where a child may enter the training softmax.
-
-    Children holding only held-out samples are left out; with ``min_coverage`` so are children
-    with less of their area inside the map (the search never scores those either).
-    """
+def softmax_mask(sample, world, k):
+    """Return a bool array [T, k*k]: True where a child may enter the training softmax."""
     t = len(sample.actions)
     mask = np.ones((t, k * k), dtype=bool)
-    if world.heldout_only or min_coverage is not None:
+    if world.heldout_only:
         for i in range(t):
             for a, c in enumerate(geo.children(sample.cells[i], k)):
                 if c in world.heldout_only:
                     mask[i, a] = False
-                elif min_coverage is not None and world.coverage(c) < min_coverage:
-                    mask[i, a] = False
-            mask[i, sample.actions[i]] = True  # the true child always competes
     return mask
