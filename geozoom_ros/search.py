@@ -211,6 +211,11 @@ def hypotheses_covariance(cells_xy, zoom, probs, best=0):
 # --------------------------------------------------------------------------------------------
 # Search
 
+def _plain(array):
+    """Return a memory map as a plain ndarray view (zero-copy); anything else unchanged."""
+    return array.view(np.ndarray) if isinstance(array, np.memmap) else array
+
+
 def _log_softmax(logits):
     m = np.max(logits, axis=1, keepdims=True)
     m = np.where(np.isfinite(m), m, 0.0)
@@ -313,6 +318,9 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
     ar = np.arange(kk)
     rr, cc = ar // k, ar % k
     calls = 0
+    # Plain-array views of the memory maps: indexing them skips numpy.memmap's Python layer.
+    tokens = _plain(bundle.tokens)
+    coverage = _plain(bundle.coverage)
     # A backend with a key/value cache is told which previous row each row extends.
     tell_parents = bool(getattr(backend, 'accepts_parents', False))
     parent = None
@@ -325,11 +333,9 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
         cy = ys[:, None] * k + rr[None, :]
         nxt = bundle.levels[lv + 1]
         logits = children_logits(backend, bundle, logits, lv + 1, cx, cy)
-        valid = nxt.inside(cx, cy)
+        idx, valid = nxt.local_index(cx, cy)
         if nxt.offset >= 0 and bundle.coverage is not None:
-            idx, _ = nxt.local_index(cx, cy)
-            cov = np.asarray(bundle.coverage[idx + nxt.offset], dtype=np.float32)
-            valid &= cov >= MIN_COVERAGE
+            valid &= coverage[idx + nxt.offset] >= MIN_COVERAGE
         if box is not None:
             valid &= _overlaps(box, cx, cy, nxt.zoom)
         logits = np.where(valid & np.isfinite(logits), logits, -np.inf)
@@ -338,7 +344,11 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
         finite = np.isfinite(flat)
         if not finite.any():
             return None
-        if per_root:
+        if per_root and len(roots) == 1:
+            # One root: its beam is the best ``width`` children overall.
+            sel = np.flatnonzero(finite)
+            keep = sel[np.argsort(-flat[sel], kind='stable')[:width]]
+        elif per_root:
             keep = []
             for r in np.unique(root_id):
                 sel = np.flatnonzero(np.repeat(root_id == r, kk) & finite)
@@ -358,8 +368,7 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
         root_id = root_id[parent]
         actions = np.concatenate([actions[parent], act[:, None].astype(np.int64)], axis=1)
         if lv + 1 < steps:
-            new_rows, _ = bundle.token_rows(lv + 1, xs, ys)
-            new_tok = np.asarray(bundle.tokens[new_rows], dtype=np.float32)
+            new_tok = np.asarray(tokens[idx[parent, act] + nxt.offset], dtype=np.float32)
             sat = np.concatenate([sat[parent], new_tok[:, None, :]], axis=1)
 
     # Weight roots by their best surviving path.
