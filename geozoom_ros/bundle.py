@@ -274,15 +274,17 @@ class Bundle:
         if self.keys is None:
             raise InputError(f'bundle {self.path} has no match keys; rebuild it with geozoom '
                              'index for a model whose action head is match')
-        lv = self.levels[level]
-        idx, valid = lv.local_index(x, y)
-        return idx + lv.retrieval_offset, valid
+        return self._all_level_rows(level, x, y)
 
     def retrieval_rows(self, level, x, y):
         """Return ``(rows, valid)`` rows in :attr:`retrieval` of cells at a level index."""
         if self.retrieval is None:
             raise InputError(f'bundle {self.path} has no retrieval embeddings; rebuild it with '
                              'geozoom index ... --with-retrieval RETRIEVAL_MODEL')
+        return self._all_level_rows(level, x, y)
+
+    def _all_level_rows(self, level, x, y):
+        """Rows of cells at a level in the arrays with a row for every level's cells."""
         lv = self.levels[level]
         idx, valid = lv.local_index(x, y)
         return idx + lv.retrieval_offset, valid
