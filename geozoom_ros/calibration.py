@@ -25,7 +25,8 @@ makes the good fixes worthless.
 
 The fitted parameters live beside the model as ``<model_dir>/calibration.json`` (one entry
 per search method, the model's sha256, and how they were fitted); the model's hash covers only
-``model.safetensors``, so adding the file does not change the model. numpy only.
+``model.safetensors``, so adding the file does not change the model. numpy only (NEES comes
+from ``geozoom_ros.eval.metrics``).
 """
 
 from dataclasses import dataclass, field
@@ -36,6 +37,7 @@ from pathlib import Path
 import numpy as np
 
 from geozoom_ros.errors import InputError, MismatchError
+from geozoom_ros.eval.metrics import nees
 from geozoom_ros.fileio import atomic_write_json
 
 CALIBRATION_FILE = 'calibration.json'
@@ -247,17 +249,6 @@ def _json_ready(obj):
 
 # --------------------------------------------------------------------------------------------
 # Fitting
-
-def nees(errors_en, covs):
-    """Return the 2-D NEES ``e^T P^-1 e`` of each row (NaN where the row is not finite)."""
-    e = np.asarray(errors_en, dtype=float).reshape(-1, 2)
-    p = np.asarray(covs, dtype=float).reshape(-1, 2, 2)
-    det = p[:, 0, 0] * p[:, 1, 1] - p[:, 0, 1] * p[:, 1, 0]
-    q = (p[:, 1, 1] * e[:, 0] ** 2 - (p[:, 0, 1] + p[:, 1, 0]) * e[:, 0] * e[:, 1]
-         + p[:, 0, 0] * e[:, 1] ** 2)
-    with np.errstate(divide='ignore', invalid='ignore'):
-        return np.where(det > 0, q / det, np.nan)
-
 
 def _gauss_loglik(e, s00, s01, s11):
     det = s00 * s11 - s01 * s01

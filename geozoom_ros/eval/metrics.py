@@ -72,13 +72,15 @@ def nees(err_en, cov_en):
     """Return the 2-D normalised estimation error squared ``e^T P^-1 e`` of each fix.
 
     ``err_en`` is ``[N, 2]`` (m), ``cov_en`` ``[N, 2, 2]`` (m^2). Rows with a missing fix
-    (NaN) give NaN. A consistent filter averages 2 (the chi-square mean with 2 degrees of
-    freedom).
+    (NaN) or a covariance whose determinant is not positive give NaN. A consistent filter
+    averages 2 (the chi-square mean with 2 degrees of freedom).
     """
     e = np.asarray(err_en, dtype=float).reshape(-1, 2)
     p = np.asarray(cov_en, dtype=float).reshape(-1, 2, 2)
     out = np.full(len(e), np.nan)
     ok = np.all(np.isfinite(e), axis=1) & np.all(np.isfinite(p), axis=(1, 2))
+    with np.errstate(invalid='ignore'):
+        ok &= p[:, 0, 0] * p[:, 1, 1] - p[:, 0, 1] * p[:, 1, 0] > 0
     if ok.any():
         sol = np.linalg.solve(p[ok], e[ok][..., None])[..., 0]
         out[ok] = np.einsum('ni,ni->n', e[ok], sol)

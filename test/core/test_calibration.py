@@ -8,6 +8,7 @@ import pytest
 
 from geozoom_ros import calibration as C
 from geozoom_ros.errors import InputError, MismatchError
+from geozoom_ros.eval.metrics import nees
 
 HASH = 'ab' * 32
 
@@ -172,7 +173,9 @@ def test_resolve_auto_path_off_and_model_mismatch(tmp_path):
 def test_nees_by_hand():
     e = np.array([[3.0, 4.0], [np.nan, 1.0], [300.0, 0.0]])
     p = np.array([np.eye(2) * 25.0, np.eye(2), [[9e4, 0.0], [0.0, 1.0]]])
-    np.testing.assert_allclose(C.nees(e, p), [1.0, np.nan, 1.0])
+    np.testing.assert_allclose(nees(e, p), [1.0, np.nan, 1.0])
+    # A covariance without a positive determinant gives no NEES (not an error).
+    assert np.isnan(nees(e[:1], np.zeros((1, 2, 2))))[0]
     s = C.nees_summary(e, p)
     assert s == {'nees_mean': 1.0, 'nees_mean_within_100m': 1.0, 'n': 2,
                  'n_within_100m': 1}
