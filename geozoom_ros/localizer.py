@@ -16,7 +16,7 @@ from geozoom_ros.bundle import load_bundle
 from geozoom_ros.calibration import resolve as calibration_resolve
 from geozoom_ros.errors import ConfigError, InputError
 from geozoom_ros.runtime.base import check_images
-from geozoom_ros.search import beam, greedy, Prior
+from geozoom_ros.search import Prior, search
 
 METHODS = ('zoom', 'zoom-beam')
 
@@ -131,11 +131,9 @@ class GeoZoomLocalizer:
 
     def search(self, g, prior=None):
         """Search the cell tree with a ground token ``g`` ``[D]``; return a SearchResult."""
-        kw = dict(prior=prior, residual=self.residual_cov, shortlist=self.shortlist,
-                  max_roots=self.max_roots)
-        if self.method == 'zoom':
-            return greedy(self.backend, self.bundle, g, **kw)
-        return beam(self.backend, self.bundle, g, width=self.beam_width, **kw)
+        return search(self.backend, self.bundle, g, self.method, self.beam_width, prior=prior,
+                      residual=self.residual_cov, shortlist=self.shortlist,
+                      max_roots=self.max_roots)
 
     def localize(self, image_rgb, heading_deg=None, prior=None):
         """Localise one frame; return a :class:`Fix`, or None when no cell can be reached.
