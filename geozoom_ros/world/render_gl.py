@@ -497,22 +497,22 @@ class GroundRenderer:
             self._palettes[style] = tex
         return tex
 
-    def _fbo(self, w, h, label=False):
+    def _fbo(self, w, h, kind='scene'):
         """Return the framebuffer of a ``w`` x ``h`` pass, made once per size and kind.
 
-        Images render into a colour texture that the resolve pass reads; label passes into a
-        renderbuffer with a depth texture that is read back.
+        'scene': a colour texture that the resolve pass reads; 'label': a renderbuffer with a
+        depth texture that is read back; 'out': the resolved output-size image (renderbuffers).
         """
-        key = (w, h, label)
+        key = (w, h, kind)
         fbo = self._fbos.get(key)
         if fbo is None:
-            if label:
-                color = self.ctx.renderbuffer((w, h), 4)
-                depth = self.ctx.depth_texture((w, h))
-            else:
+            if kind == 'scene':
                 color = self.ctx.texture((w, h), 4)
                 color.filter = (self._mgl.LINEAR, self._mgl.LINEAR)
-                depth = self.ctx.depth_renderbuffer((w, h))
+            else:
+                color = self.ctx.renderbuffer((w, h), 4)
+            depth = self.ctx.depth_texture((w, h)) if kind == 'label' else \
+                self.ctx.depth_renderbuffer((w, h))
             fbo = self.ctx.framebuffer(color_attachments=[color], depth_attachment=depth)
             self._fbos[key] = fbo
         return fbo
@@ -526,15 +526,6 @@ class GroundRenderer:
             entry = (prog, self.ctx.vertex_array(prog, []))
             self._resolvers[ss] = entry
         return entry
-
-    def _out_fbo(self, w, h):
-        key = (w, h, 'out')
-        fbo = self._fbos.get(key)
-        if fbo is None:
-            fbo = self.ctx.framebuffer(color_attachments=[self.ctx.renderbuffer((w, h), 4)],
-                                       depth_attachment=self.ctx.depth_renderbuffer((w, h)))
-            self._fbos[key] = fbo
-        return fbo
 
     def _shadow(self, size):
         entry = self._shadow_tex.get(size)
@@ -559,30 +550,27 @@ class GroundRenderer:
         ctx = self.ctx
         ch = dict(ranges=ranges, solid_ranges=solid_ranges, n_flat=len(flat),
                   centre=np.array([(i + 0.5) * cm, (j + 0.5) * cm]))
+
         # Indexed meshes: a vertex shared by several triangles is shaded once (the vertex
         # stage runs on one thread in llvmpipe). Index order is the triangle order, so the
         # ranges above count indices and the images are those of the unindexed mesh.
-        verts, index = _indexed(flat)
-        ch['flat_vbo'] = ctx.buffer(verts.tobytes())
-        ch['flat_ibo'] = ctx.buffer(index.tobytes())
-        ch['flat'] = ctx.vertex_array(self.prog, [(ch['flat_vbo'], _FMT) + _ATTRS],
-                                      index_buffer=ch['flat_ibo'], index_element_size=4,
-                                      skip_errors=True)
+        def upload(mesh, triangles):
+            verts, index = _indexed(triangles)
+            ch[f'{mesh}_vbo'] = ctx.buffer(verts.tobytes())
+            ch[f'{mesh}_ibo'] = ctx.buffer(index.tobytes())
+
+        def vao(prog, mesh, layout=(_FMT,) + _ATTRS, **kw):
+            return ctx.vertex_array(prog, [(ch[f'{mesh}_vbo'],) + tuple(layout)],
+                                    index_buffer=ch[f'{mesh}_ibo'], index_element_size=4, **kw)
+
+        upload('flat', flat)
+        ch['flat'] = vao(self.prog, 'flat', skip_errors=True)
         ch['n_solid'] = len(solid)
         if len(solid):
-            verts, index = _indexed(solid)
-            ch['solid_vbo'] = ctx.buffer(verts.tobytes())
-            ch['solid_ibo'] = ctx.buffer(index.tobytes())
-            ch['solid'] = ctx.vertex_array(self.bprog, [(ch['solid_vbo'], _FMT) + _ATTRS],
-                                           index_buffer=ch['solid_ibo'],
-                                           index_element_size=4, skip_errors=True)
-            ch['trees'] = ctx.vertex_array(self.prog, [(ch['solid_vbo'], _FMT) + _ATTRS],
-                                           index_buffer=ch['solid_ibo'],
-                                           index_element_size=4, skip_errors=True)
-            ch['shadow'] = ctx.vertex_array(self.shadow_prog,
-                                            [(ch['solid_vbo'], '3f 36x', 'in_pos')],
-                                            index_buffer=ch['solid_ibo'],
-                                            index_element_size=4)
+            upload('solid', solid)
+            ch['solid'] = vao(self.bprog, 'solid', skip_errors=True)
+            ch['trees'] = vao(self.prog, 'solid', skip_errors=True)
+            ch['shadow'] = vao(self.shadow_prog, 'solid', ('3f 36x', 'in_pos'))
         self._chunks[key] = ch
         self.stats['chunks_built'] += 1
         while len(self._chunks) > self.max_chunks:
@@ -741,7 +729,7 @@ class GroundRenderer:
         Returns (h, w, 3) uint8 RGB, row 0 at the top.
         """
         ctx, mgl = self.ctx, self._mgl
-        out = self._out_fbo(w, h)
+        out = self._fbo(w, h, 'out')
         out.use()
         ctx.enable(mgl.DEPTH_TEST)
         ctx.depth_func = '1'
@@ -791,7 +779,7 @@ class GroundRenderer:
         near, far = 0.25, 4000.0
         eye, vp = self._perspective_frame(east_m, north_m, height_m, heading_deg, fov_deg,
                                           pitch_deg, roll_deg, w, h, near=near, far=far)
-        fbo = self._fbo(w, h, label=True)
+        fbo = self._fbo(w, h, 'label')
         fbo.use()
         fbo.clear(0.0, 0.0, 0.0, 1.0, depth=1.0)
         self._set_all('use_shadow', 0)
@@ -837,7 +825,7 @@ class GroundRenderer:
         # Up-facing triangles are counter-clockwise on screen unless the grid mirrors ENU.
         front = 'ccw' if np.linalg.det(ndc[:2, :2]) > 0 else 'cw'
         if labels:
-            fbo = self._fbo(w, h, label=True)
+            fbo = self._fbo(w, h, 'label')
             fbo.use()
             fbo.clear(0.0, 0.0, 0.0, 1.0, depth=1.0)
             self._set_all('use_shadow', 0)
