@@ -487,9 +487,9 @@ def plot_gate_pr(confidence, errors_m, path, distance_m=50.0, title=None):
                 label=f'confidence gate (AP {ap:.3f})')
         for q in (0.1, 0.5, 0.9):
             i = min(len(thr) - 1, int(q * (len(thr) - 1)))
-            right = rec[i] > 0.8
+            at_right = rec[i] > 0.8  # label to the left of points near the right edge
             ax.annotate(f'c >= {thr[i]:.3g}', (rec[i], prec[i]), textcoords='offset points',
-                        xytext=(-6 if right else 6, 6), ha='right' if right else 'left',
+                        xytext=(-6 if at_right else 6, 6), ha='right' if at_right else 'left',
                         fontsize=8)
             ax.plot(rec[i], prec[i], 'o', color=_C['pub'], ms=4)
         ax.axhline(base, color=_C['gated'], ls='--', lw=1.2,
