@@ -2,7 +2,10 @@
 its fixes scored against the bag's ground truth, the fusion replayed and the report written.
 """
 
+import functools
 import json
+from pathlib import Path
+import sys
 
 import numpy as np
 import pytest
@@ -10,17 +13,14 @@ import pytest
 from geozoom_ros.geo import LocalFrame
 from geozoom_ros.world import drive as D
 
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / 'core'))
+from frames import pattern_frame  # noqa: E402, I100
+
 ROADS = [np.array([[-120.0, -120.0], [120.0, -120.0], [120.0, 120.0], [-120.0, 120.0],
                    [-120.0, -120.0]])]
 
 
-def _render(east, north, heading_deg, pitch_deg=0.0, roll_deg=0.0):
-    yy, xx = np.mgrid[0:48, 0:64]
-    img = np.empty((48, 64, 3), np.uint8)
-    img[..., 0] = (xx * 4 + int(east * 3)) % 256
-    img[..., 1] = (yy * 5 + int(north * 3)) % 256
-    img[..., 2] = int(heading_deg / 360 * 255) % 256
-    return img
+_render = functools.partial(pattern_frame, size=(64, 48))
 
 
 @pytest.fixture(scope='module')
