@@ -48,6 +48,8 @@ COVERAGE_FILE = 'coverage.f16.npy'
 RETRIEVAL_FILE = 'retrieval.f16.npy'
 KEYS_FILE = 'keys.f16.npy'
 RETRIEVAL_HEADING_FILE = 'retrieval_heading.f16.npy'
+#: Views with less imagery coverage than this are treated as holding none.
+MIN_COVERAGE = 1e-3
 #: Headings (evenly spaced from north) at which heading-aligned retrieval crops are stored.
 HEADING_BINS = 8
 
@@ -214,6 +216,7 @@ class Bundle:
         self.keys = keys
         self.retrieval_heading = None
         self._zoom_to_level = {lv.zoom: lv for lv in self.levels}
+        self._imagery = {}
 
     @property
     def terminal(self):
@@ -251,6 +254,33 @@ class Bundle:
             raise InputError(f'level {level} (zoom {lv.zoom}) is terminal and holds no tokens')
         idx, valid = lv.local_index(x, y)
         return idx + lv.offset, valid
+
+    def usable_children(self, level, x, y):
+        """Return ``(index within the level, usable)`` of cells (x, y int arrays) at a level.
+
+        A cell is usable when the level holds it and, above the terminal level, its view has
+        imagery (coverage >= MIN_COVERAGE): the search and the evaluation never pick others.
+        Unusable cells get index 0, so the index can address arrays safely.
+        """
+        lv = self.levels[level]
+        lx, ly = x - lv.x0, y - lv.y0
+        ok = (lx >= 0) & (lx < lv.nx) & (ly >= 0) & (ly < lv.ny)
+        idx = np.where(ok, ly * lv.nx + lx, 0)
+        has = self._has_imagery(level)
+        if has is not None:
+            ok &= has[idx]
+        return idx, ok
+
+    def _has_imagery(self, level):
+        """Return a cached bool array over a level's cells (None: terminal or no coverage)."""
+        if level not in self._imagery:
+            lv = self.levels[level]
+            has = None
+            if lv.offset >= 0 and self.coverage is not None:
+                cov = np.asarray(self.coverage[lv.offset:lv.offset + lv.count], np.float32)
+                has = cov >= MIN_COVERAGE
+            self._imagery[level] = has
+        return self._imagery[level]
 
     def row_of(self, cell):
         """Return the token row of a cell; InputError if the bundle has no token for it."""

@@ -1,9 +1,11 @@
 """Zoom search over the cell tree: greedy and beam decoding, an optional prior, hypotheses.
 
 The search encodes nothing: map-view tokens come from the bundle, the camera frame's ground
-token ``g`` is given, and each zoom level costs one batched ``backend.step_logits`` call over
-all live hypotheses. For a policy with a match head that call returns a query per hypothesis,
-and the children's logits are its dot products with their keys, read from the bundle.
+token ``g`` is given, and each zoom level costs one batched decoder step over all live
+hypotheses (``backend.start_decoding``, then ``state.step`` with the view each survivor zoomed
+into and the hypothesis it extends, so a backend with a key/value cache feeds the decoder only
+the new tokens). For a policy with a match head a step returns a query per hypothesis, and the
+children's logits are its dot products with their keys, read from the bundle.
 
 Probabilities. A hypothesis's probability is the product of its step softmax probabilities.
 Children that hold no imagery (outside the bundle's cells, or views with zero coverage) and,
@@ -32,6 +34,7 @@ import math
 
 import numpy as np
 
+from geozoom_ros.bundle import MIN_COVERAGE  # noqa: F401 (a name users import from here)
 from geozoom_ros.errors import InputError
 from geozoom_ros.geo import (actions_between, ancestor, Cell, cell_at, cell_size_m,
                              check_latlon, child, EARTH_RADIUS_M)
@@ -39,8 +42,6 @@ from geozoom_ros.geo import (actions_between, ancestor, Cell, cell_at, cell_size
 _HALF = math.pi * EARTH_RADIUS_M  # half the Web-Mercator world width (m)
 #: A prior region spans this many standard deviations.
 PRIOR_SIGMAS = 3.0
-#: Views with less imagery coverage than this are treated as holding none.
-MIN_COVERAGE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -217,11 +218,11 @@ def _plain(array):
 
 
 def _log_softmax(logits):
-    m = np.max(logits, axis=1, keepdims=True)
-    m = np.where(np.isfinite(m), m, 0.0)
-    z = logits - m
-    with np.errstate(divide='ignore'):
-        return z - np.log(np.sum(np.exp(z), axis=1, keepdims=True))
+    """Row-wise log-softmax of float64 logits that may hold -inf (a row of -inf stays -inf)."""
+    # The floor keeps a row of -inf from becoming NaN; a finite row's sum is at least 1, so the
+    # tiny term never changes it.
+    z = logits - np.maximum(logits.max(axis=1, keepdims=True), -1e300)
+    return z - np.log(np.exp(z).sum(axis=1, keepdims=True) + 1e-300)
 
 
 def _prior_start(bundle, prior, box):
@@ -259,7 +260,7 @@ def children_logits(backend, bundle, out, level, cx, cy):
         rows, _ = bundle.key_rows(level, cx, cy)
         keys = np.asarray(bundle.keys[rows.ravel()], np.float32).reshape(n, rows.shape[1], -1)
         out = np.einsum('nd,nkd->nk', np.asarray(out, np.float32).reshape(n, -1), keys)
-    return np.asarray(out, dtype=np.float64).reshape(n, -1)
+    return np.array(out, dtype=np.float64).reshape(n, -1)  # a copy the caller may change
 
 
 def _shortlist_roots(roots, bundle, shortlist, g, max_roots):
@@ -309,67 +310,49 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
         root_rows = rows[:, None]
         actions = np.zeros((len(roots), 0), np.int64)
         root_id = np.arange(len(roots), dtype=np.int64)
-    rows_hist = root_rows
     logp = np.zeros(len(xs))
-    sat = np.asarray(bundle.tokens[rows_hist.ravel()], dtype=np.float32).reshape(
-        len(xs), rows_hist.shape[1], -1)
+    # A plain-array view of the memory map: indexing it skips numpy.memmap's Python layer.
+    tokens = _plain(bundle.tokens)
+    sat = tokens[root_rows.ravel()].astype(np.float32).reshape(len(xs), root_rows.shape[1], -1)
     start = start_cell if start_cell is not None else (roots[0] if len(roots) == 1 else None)
 
     ar = np.arange(kk)
     rr, cc = ar // k, ar % k
-    calls = 0
-    # Plain-array views of the memory maps: indexing them skips numpy.memmap's Python layer.
-    tokens = _plain(bundle.tokens)
-    coverage = _plain(bundle.coverage)
-    # A backend with a key/value cache is told which previous row each row extends.
-    tell_parents = bool(getattr(backend, 'accepts_parents', False))
-    parent = None
+    state, out = backend.start_decoding(g, sat, actions)
+    calls = 1
     for lv in range(level, steps):
-        n = len(xs)
-        kw = {'parents': parent} if tell_parents and parent is not None else {}
-        logits = backend.step_logits(np.repeat(g, n, axis=0), sat, actions, **kw)
-        calls += 1
-        cx = xs[:, None] * k + cc[None, :]
-        cy = ys[:, None] * k + rr[None, :]
         nxt = bundle.levels[lv + 1]
-        logits = children_logits(backend, bundle, logits, lv + 1, cx, cy)
-        idx, valid = nxt.local_index(cx, cy)
-        if nxt.offset >= 0 and bundle.coverage is not None:
-            valid &= coverage[idx + nxt.offset] >= MIN_COVERAGE
+        cx = xs[:, None] * k + cc
+        cy = ys[:, None] * k + rr
+        logits = children_logits(backend, bundle, out, lv + 1, cx, cy)
+        idx, valid = bundle.usable_children(lv + 1, cx, cy)
         if box is not None:
             valid &= _overlaps(box, cx, cy, nxt.zoom)
-        logits = np.where(valid & np.isfinite(logits), logits, -np.inf)
+        logits[~(valid & np.isfinite(logits))] = -np.inf
         cand = logp[:, None] + _log_softmax(logits)  # [n, kk]
         flat = cand.ravel()
-        finite = np.isfinite(flat)
-        if not finite.any():
-            return None
-        if per_root and len(roots) == 1:
-            # One root: its beam is the best ``width`` children overall.
-            sel = np.flatnonzero(finite)
-            keep = sel[np.argsort(-flat[sel], kind='stable')[:width]]
-        elif per_root:
+        if per_root and len(roots) > 1:
             keep = []
             for r in np.unique(root_id):
-                sel = np.flatnonzero(np.repeat(root_id == r, kk) & finite)
-                if sel.size:
-                    top = sel[np.argsort(-flat[sel], kind='stable')[:width]]
-                    keep.append(top)
+                sel = np.flatnonzero(np.repeat(root_id == r, kk))
+                keep.append(sel[np.argsort(-flat[sel], kind='stable')[:width]])
             keep = np.concatenate(keep)
+        elif width == 1:
+            keep = np.argmax(flat)[None]
         else:
-            sel = np.flatnonzero(finite)
-            if sel.size > width:
-                part = np.argpartition(-flat[sel], width - 1)[:width]
-                sel = sel[part]
-            keep = sel[np.argsort(-flat[sel], kind='stable')]
+            keep = np.argsort(-flat, kind='stable')[:width]
+        keep = keep[flat[keep] > -np.inf]
+        if not keep.size:
+            return None
         parent, act = np.divmod(keep, kk)
         logp = flat[keep]
         xs, ys = cx[parent, act], cy[parent, act]
         root_id = root_id[parent]
-        actions = np.concatenate([actions[parent], act[:, None].astype(np.int64)], axis=1)
+        actions = np.concatenate([actions[parent], act[:, None]], axis=1)
         if lv + 1 < steps:
-            new_tok = np.asarray(tokens[idx[parent, act] + nxt.offset], dtype=np.float32)
-            sat = np.concatenate([sat[parent], new_tok[:, None, :]], axis=1)
+            new_tok = tokens[idx[parent, act] + nxt.offset].astype(np.float32)
+            out = state.step(new_tok, act, parent)
+            calls += 1
 
     # Weight roots by their best surviving path.
     probs = np.exp(logp)

@@ -190,11 +190,7 @@ def _valid_children(bundle, level, parent_rows_xy):
     ar = np.arange(k * k)
     cx = px[:, None] * k + (ar % k)[None]
     cy = py[:, None] * k + (ar // k)[None]
-    nxt = bundle.levels[level + 1]
-    valid = nxt.inside(cx, cy)
-    if nxt.offset >= 0 and bundle.coverage is not None:
-        idx, _ = nxt.local_index(cx, cy)
-        valid &= np.asarray(bundle.coverage[idx + nxt.offset], np.float32) > 1e-3
+    _, valid = bundle.usable_children(level + 1, cx, cy)
     return valid, cx, cy
 
 

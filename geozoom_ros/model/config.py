@@ -23,6 +23,8 @@ from pathlib import Path
 from geozoom_ros.errors import ConfigError
 
 ENCODERS_BUILTIN = ('efficientnet_lite0', 'dinov2_vitb14', 'dinov2_vits14', 'dinov2_vitl14')
+#: Sequence layouts of the zoom decoder (``PolicyConfig.decoder_tokens``).
+DECODER_TOKENS = ('interleaved', 'fused')
 
 
 def _check_fields(cls, data, where):
@@ -118,6 +120,12 @@ class PolicyConfig:
     action_head: str = 'linear'
     #: Width of the query and key vectors of ``action_head: match``.
     match_dim: int = 64
+    #: How the decoder's sequence carries the actions. 'interleaved' (the paper's):
+    #: ``[g, s0, a0, s1, a1, ..., s_t]``, an action token between views. 'fused':
+    #: ``[g, s0, s1 + a0, s2 + a1, ...]``, each action's embedding added to the view it led to:
+    #: the same information in one token per step, so a search feeds the decoder half the
+    #: tokens (and its cache holds half the keys).
+    decoder_tokens: str = 'interleaved'
     #: Keep batch-norm running statistics frozen at their ImageNet values while fine-tuning.
     freeze_bn: bool = True
     #: Retrieval only: side of the overhead crop centred on a terminal cell (metres) and
@@ -178,6 +186,9 @@ class PolicyConfig:
                               'match')
         if self.match_dim < 4:
             raise ConfigError(f'{where}: match_dim={self.match_dim} must be >= 4')
+        if self.decoder_tokens not in DECODER_TOKENS:
+            raise ConfigError(f'{where}: decoder_tokens={self.decoder_tokens!r} must be '
+                              f'{" or ".join(DECODER_TOKENS)}')
 
     def to_dict(self):
         """Return a JSON-ready dict."""

@@ -4,7 +4,9 @@ The sequence is ``[g, s0, a0, s1, a1, ..., s_t]``: the ground token, the token o
 cell view and an embedding of each action taken. Each token gets a learned *type* embedding
 (ground, satellite, action) and its place in the sequence enters only through rotary position
 embeddings: there is no cell identifier anywhere, so the decoder can only choose a child from
-what the images show, never from which cell it is in.
+what the images show, never from which cell it is in. The ``fused`` layout carries the same
+information in one token per step, ``[g, s0, s1 + a0, s2 + a1, ...]``: each action's embedding
+is added to the token of the view it led to. A search then feeds the decoder half the tokens.
 
 Two read-outs score the k*k children of a step. ``linear`` (the paper's) maps the decoder state
 to k*k logits, one per child slot. ``match`` maps it to a unit query scaled by a learned
@@ -102,14 +104,16 @@ class ZoomDecoder(nn.Module):
     """Causal transformer over ``[g, s0, a0, s1, a1, ...]`` giving next-action logits.
 
     ``dim`` is the token width, ``num_actions`` the number of children per step (k*k).
-    ``action_head`` is 'linear' or 'match' (module docstring); ``match_dim`` the query width.
+    ``action_head`` is 'linear' or 'match' (module docstring); ``match_dim`` the query width;
+    ``tokens`` the sequence layout, 'interleaved' or 'fused' (module docstring).
     """
 
     def __init__(self, dim, num_actions, layers=6, heads=8, dropout=0.1, action_head='linear',
-                 match_dim=64):
+                 match_dim=64, tokens='interleaved'):
         super().__init__()
         self.dim, self.heads, self.num_actions = dim, heads, num_actions
         self.action_head = action_head
+        self.fused = tokens == 'fused'
         self.type_embed = nn.Embedding(3, dim)
         self.action_embed = nn.Embedding(num_actions, dim)
         self.in_norm = RMSNorm(dim)
@@ -141,26 +145,53 @@ class ZoomDecoder(nn.Module):
         """Return unit keys [..., match_dim] of child view tokens [..., D] (match head only)."""
         return F.normalize(self.key(self.key_norm(tokens)), dim=-1)
 
-    def sequence(self, g, sat, actions):
-        """Interleave tokens: ``[g, s0, a0, ..., s_{T-1}]`` (+ ``a_{T-1}`` if len(actions)=T).
+    def tokens_through(self, t):
+        """Return how many tokens the sequence holds up to and including view ``s_t``."""
+        return t + 2 if self.fused else 2 * t + 2
 
-        ``g`` [B, D], ``sat`` [B, T, D], ``actions`` [B, A] with A in {T-1, T}. Returns the
-        token tensor [B, L, D] and the positions of the satellite tokens (list of T ints).
+    def view_token(self, sat_t, prev_action=None):
+        """Return the decoder input of view tokens [..., D] (fused: plus their actions).
+
+        ``prev_action`` (long [...]) is the action that led to the view; the fused layout adds
+        its embedding, the interleaved one gives it a token of its own (:meth:`action_token`).
+        """
+        s = self.in_norm(sat_t) + self.type_embed.weight[TYPE_SAT]
+        if self.fused and prev_action is not None:
+            s = s + self.action_embed(prev_action)
+        return s
+
+    def action_token(self, action):
+        """Return the interleaved layout's token [..., D] of actions (long [...])."""
+        return self.action_embed(action) + self.type_embed.weight[TYPE_ACTION]
+
+    def sequence(self, g, sat, actions):
+        """Build the token sequence of the layout.
+
+        Interleaved: ``[g, s0, a0, ..., s_{T-1}]`` (+ ``a_{T-1}`` if len(actions) = T); fused:
+        ``[g, s0, s1 + a0, ..., s_{T-1} + a_{T-2}]`` (a trailing ``a_{T-1}`` has no view to join
+        and no later token reads it, so it is left out). ``g`` [B, D], ``sat`` [B, T, D],
+        ``actions`` [B, A] with A in {T-1, T}. Returns the token tensor [B, L, D] and the
+        positions of the satellite tokens (list of T ints).
         """
         b, t, d = sat.shape
         a = actions.shape[1]
         if a not in (t - 1, t):
             raise ValueError(f'{t} satellite tokens need {t - 1} or {t} actions, got {a}')
         g = self.in_norm(g) + self.type_embed.weight[TYPE_GROUND]
-        s = self.in_norm(sat) + self.type_embed.weight[TYPE_SAT]
+        if self.fused:
+            s = self.view_token(sat)
+            if t > 1:
+                s = torch.cat((s[:, :1], s[:, 1:] + self.action_embed(actions[:, :t - 1])),
+                              dim=1)
+            return torch.cat((g[:, None], s), dim=1), list(range(1, t + 1))
+        s = self.view_token(sat)
         tokens = [g[:, None]]
         sat_pos = []
         for i in range(t):
             sat_pos.append(len(tokens))
             tokens.append(s[:, i:i + 1])
             if i < a:
-                act = self.action_embed(actions[:, i]) + self.type_embed.weight[TYPE_ACTION]
-                tokens.append(act[:, None])
+                tokens.append(self.action_token(actions[:, i])[:, None])
         return torch.cat(tokens, dim=1), sat_pos
 
     def forward(self, g, sat, actions):

@@ -114,7 +114,7 @@ class ZoomPolicy(ImageModelBase):
         self.heading_embed = HeadingEmbed(d) if config.heading_input else None
         self.decoder = ZoomDecoder(d, config.num_actions, config.decoder_layers,
                                    config.decoder_heads, config.dropout, config.action_head,
-                                   config.match_dim)
+                                   config.match_dim, config.decoder_tokens)
         # Auxiliary contrastive projections (training only) and their temperature.
         self.aux_ground = nn.Linear(d, d)
         self.aux_map = nn.Linear(d, d)

@@ -57,6 +57,19 @@ class PolicyBackend(abc.ABC):
             children's keys (held in the map bundle) are those logits.
         """
 
+    def start_decoding(self, g, sat, actions):
+        """Begin decoding paths of one frame; return ``(state, outputs of the first step)``.
+
+        ``g`` float32 ``[D]`` or ``[1, D]`` is the frame's ground token, shared by every path;
+        ``sat`` ``[n, t + 1, D]`` and ``actions`` ``[n, t]`` the prefixes of ``n`` paths (views
+        from the root, actions so far; ``t`` > 0 when a prior starts the search below the
+        root). The outputs are :meth:`step_logits`'s for those prefixes, and ``state.step``
+        (:class:`DecodingState`) feeds the following steps. Backends with a key/value cache
+        override this to keep it between steps.
+        """
+        state = DecodingState(self, g, sat, actions)
+        return state, state.first()
+
     def encode_map(self, images):
         """Encode north-up overhead views (uint8 RGB ``[S, S, 3]``) into float32 ``[B, D]``."""
         raise NotImplementedError(f'backend {self.name!r} cannot encode map views; build map '
@@ -90,6 +103,41 @@ class PolicyBackend(abc.ABC):
     def __repr__(self):
         hash8 = (self.model_hash or '?')[:8]
         return f'{type(self).__name__}(name={self.name!r}, model={hash8})'
+
+
+class DecodingState:
+    """The paths of one frame being decoded, one zoom step per :meth:`step` call.
+
+    This generic form keeps each path's prefix and runs :meth:`PolicyBackend.step_logits` on
+    it; a backend with a key/value cache keeps the cache instead (same outputs).
+    """
+
+    def __init__(self, backend, g, sat, actions):
+        self.backend = backend
+        self.g = np.asarray(g, np.float32).reshape(1, -1)
+        self.sat = np.asarray(sat, np.float32)
+        self.actions = np.asarray(actions, np.int64).reshape(len(self.sat), -1)
+
+    def first(self):
+        """Return the outputs of the prefixes the state was started with."""
+        return self._run()
+
+    def step(self, sat_t, action, parents):
+        """Extend paths by one step; return their outputs ``[n, step_dim]``.
+
+        ``parents`` int ``[n]``: the path of the previous step that each new path extends;
+        ``action`` int ``[n]``: the child each took; ``sat_t`` ``[n, D]``: that child's view.
+        """
+        parents = np.asarray(parents, np.int64)
+        self.sat = np.concatenate([self.sat[parents], np.asarray(sat_t, np.float32)[:, None]],
+                                  axis=1)
+        self.actions = np.concatenate([self.actions[parents],
+                                       np.asarray(action, np.int64)[:, None]], axis=1)
+        return self._run()
+
+    def _run(self):
+        return self.backend.step_logits(np.repeat(self.g, len(self.sat), axis=0), self.sat,
+                                        self.actions)
 
 
 def check_images(images, what='image'):

@@ -155,10 +155,11 @@ def compute_cost(model_path, beam=8):
 
     The encoder is counted by torch's FLOP counter on one ground frame. The decoder is counted
     the same way on the first step of one path (ground and root tokens) and scaled to the
-    tokens a cached (key/value) beam search feeds it: 2 at the first step, then 2 per live
-    path and step (an action and a view token); attention over at most 2 * steps keys is
-    included in the first step's count and is a small part. This is what the search's decoder
-    must compute, whatever the backend; the latency ratio cannot fall much below it.
+    tokens a cached (key/value) beam search feeds it: 2 at the first step, then per live path
+    and step 2 (an action and a view token) or, with the fused layout, 1; attention over the
+    few cached keys is included in the first step's count and is a small part. This is what
+    the search's decoder must compute, whatever the backend; the latency ratio cannot fall
+    much below it.
     """
     import torch
     from torch.utils.flop_counter import FlopCounterMode
@@ -175,7 +176,8 @@ def compute_cost(model_path, beam=8):
             g = model.encode_ground(x, torch.zeros(1) if cfg.heading_input else None)
         with FlopCounterMode(display=False) as dec:
             model.step_logits(g, torch.zeros(1, 1, d), torch.zeros(1, 0, dtype=torch.long))
-    tokens = 2 + 2 * int(beam) * (cfg.steps - 1)
+    per_step = 1 if cfg.decoder_tokens == 'fused' else 2
+    tokens = 2 + per_step * int(beam) * (cfg.steps - 1)
     enc_mmac = enc.get_total_flops() / 2e6
     dec_mmac = dec.get_total_flops() / 2e6 / 2 * tokens
     return {'encoder_mmac_per_frame': enc_mmac, 'decoder_mmac_per_search': dec_mmac,

@@ -9,9 +9,11 @@ Files written into the export folder (default ``<model>/onnx/``)::
                      key/value cache at a fixed beam batch B: t = 0 takes g [B, D] and
                      sat [B, D] (the root view); t > 0 takes sat [B, D] (the view s_t),
                      action int64 [B] (a_{t-1}) and past_k, past_v float32
-                     [layers, B, heads, 2t, D / heads]; each returns logits [B, k * k] and the
-                     keys/values of all 2t + 2 tokens so far. ``kv_<t>_b1.onnx``: the same
-                     at batch 1 (greedy search, a single root), when B > 1.
+                     [layers, B, heads, P, D / heads], the P tokens before step t (2t for
+                     the interleaved layout, t + 1 for the fused one); each returns logits
+                     [B, step_dim] and the keys/values of all tokens so far.
+                     ``kv_<t>_b1.onnx``: the same at batch 1 (greedy search, a single
+                     root), when B > 1.
     step_<t>.onnx    (decoder='per-step') one stateless step per t: g [B, D],
                      sat [B, t + 1, D] (+ actions int64 [B, t] for t > 0) -> logits [B, k * k]
     decoder_full.onnx  (decoder='full') the fixed-length decoder: g [B, D],
@@ -178,33 +180,36 @@ def export_onnx(model_path, out_dir=None, beam=8, decoder='kv', progress=False):
             return self.m.decoder(g, sat, actions)
 
     class KVStep(Step):
-        # Step t feeds the two new tokens (g, s_0 at t = 0; a_{t-1}, s_t later) and the
-        # keys/values of the 2t earlier ones; it returns the logits and the grown cache.
+        # Step t feeds the new tokens (g, s_0 at t = 0; later a_{t-1}, s_t, or the fused
+        # s_t + a_{t-1}) and the keys/values of the earlier ones; it returns the logits and the
+        # grown cache.
         def forward(self, *inputs):
-            from geozoom_ros.model.decoder import (rope_tables, TYPE_ACTION, TYPE_GROUND,
-                                                   TYPE_SAT)
+            from geozoom_ros.model.decoder import rope_tables, TYPE_GROUND
 
             dec, t = self.m.decoder, self.t
-            types = dec.type_embed.weight
             if t == 0:
                 g, sat_t = inputs
-                first = dec.in_norm(g) + types[TYPE_GROUND]
+                first = dec.in_norm(g) + dec.type_embed.weight[TYPE_GROUND]
+                x = torch.stack((first, dec.view_token(sat_t)), dim=1)
             else:
                 sat_t, action, past_k, past_v = inputs
-                first = dec.action_embed(action) + types[TYPE_ACTION]
-            x = torch.stack((first, dec.in_norm(sat_t) + types[TYPE_SAT]), dim=1)
-            length, heads = 2 * t + 2, dec.heads
+                if dec.fused:
+                    x = dec.view_token(sat_t, action)[:, None]
+                else:
+                    x = torch.stack((dec.action_token(action), dec.view_token(sat_t)), dim=1)
+            new = x.shape[1]
+            length, heads = dec.tokens_through(t), dec.heads
             cos, sin = rope_tables(length, dec.dim // heads, x.device, x.dtype)
             # Rotary embedding as x * C + (x @ R) * S with constant tables: four operators
             # instead of the slices, stacks and reshapes of apply_rope (same values).
-            cos_i = cos[2 * t:].repeat_interleave(2, dim=-1)
-            sin_i = sin[2 * t:].repeat_interleave(2, dim=-1)
+            cos_i = cos[length - new:].repeat_interleave(2, dim=-1)
+            sin_i = sin[length - new:].repeat_interleave(2, dim=-1)
             dh = dec.dim // heads
             rot = torch.zeros(dh, dh, dtype=x.dtype)
             idx = torch.arange(0, dh, 2)
             rot[idx + 1, idx] = -1.0  # out[2i] = -x[2i + 1]
             rot[idx, idx + 1] = 1.0   # out[2i + 1] = x[2i]
-            mask = torch.ones(2, length, dtype=torch.bool).tril(diagonal=length - 2)
+            mask = torch.ones(new, length, dtype=torch.bool).tril(diagonal=length - new)
             keys, values = [], []
             for i, blk in enumerate(dec.blocks):
                 b, n, dim = x.shape
@@ -220,7 +225,7 @@ def export_onnx(model_path, out_dir=None, beam=8, decoder='kv', progress=False):
                 y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
                 x = x + blk.attn.proj(y.transpose(1, 2).reshape(b, n, dim))
                 x = x + blk.mlp(blk.norm2(x))
-            return dec.readout(dec.norm(x[:, -1])), torch.stack(keys), torch.stack(values)
+            return dec.readout(dec.norm(x[:, new - 1])), torch.stack(keys), torch.stack(values)
 
     jobs = []
     x = torch.zeros(1, 3, h, w)
@@ -249,7 +254,8 @@ def export_onnx(model_path, out_dir=None, beam=8, decoder='kv', progress=False):
                 if t == 0:
                     args, names = (torch.zeros(bsz, d), sat_t), ['g', 'sat']
                 else:
-                    past = torch.zeros(layers, bsz, heads, 2 * t, d // heads)
+                    past = torch.zeros(layers, bsz, heads, model.decoder.tokens_through(t - 1),
+                                       d // heads)
                     args = (sat_t, torch.zeros(bsz, dtype=torch.long), past, past.clone())
                     names = ['sat', 'action', 'past_k', 'past_v']
                 jobs.append((f'kv_{t}{suffix}', KVStep(t), args, names,

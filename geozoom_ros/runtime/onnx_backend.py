@@ -147,16 +147,14 @@ class OnnxBackend(PolicyBackend):
             out[i] = self._encoder.run(None, feeds)[0][0]
         return out
 
-    #: The search may pass ``parents`` (see :meth:`step_logits`).
-    accepts_parents = True
-
-    def step_logits(self, g, sat, actions, parents=None):
-        """Return float32 ``[B, k*k]`` next-action logits (see PolicyBackend).
+    def step_logits(self, g, sat, actions):
+        """Return float32 ``[B, step_dim]`` step outputs (see PolicyBackend).
 
         Batches smaller than the exported beam batch are zero-padded, larger ones run in
-        chunks. ``parents`` (optional, step t > 0): for every row, the row of the previous
-        call it extends; the key/value cache then reuses those rows directly (checked
-        against the prefixes) instead of matching every row's prefix.
+        chunks. With the key/value cache, a call whose rows extend the previous call's
+        prefixes (same ground token, views and actions) reuses their cache; other rows are
+        recomputed from step 0, so any call order gives the same outputs. A search keeps the
+        cache itself (:meth:`start_decoding`).
         """
         g = np.asarray(g, np.float32)
         sat = np.asarray(sat, np.float32)
@@ -167,7 +165,7 @@ class OnnxBackend(PolicyBackend):
                              f'expected [B, t + 1, {self.embed_dim}] and [B, t] with t < '
                              f'{self.steps}')
         if self.decoder == 'kv':
-            return self._kv_logits(g, sat, actions, parents)
+            return self._kv_logits(g, sat, actions)
         out = np.empty((n, self.step_dim), np.float32)
         bsz = self.beam
         for lo in range(0, n, bsz):
@@ -191,86 +189,105 @@ class OnnxBackend(PolicyBackend):
                 out[lo:lo + m] = logits[:m, t]
         return out
 
-    # Key/value cache. The search calls step t with the rows of step t - 1 reordered and
-    # extended (beam survivors). It says which row each one extends (``parents``); without
-    # that, a row's cache is found by the content of its prefix (ground token, views and
-    # actions so far). A row found neither way is recomputed from step 0, so any call order
-    # gives the same logits.
+    def start_decoding(self, g, sat, actions):
+        """Begin decoding paths of one frame (see PolicyBackend.start_decoding).
+
+        With the key/value cache the state keeps each path's keys and values, so a step feeds
+        the decoder only the new tokens.
+        """
+        if self.decoder != 'kv':
+            return super().start_decoding(g, sat, actions)
+        state = _KVState(self, g, sat, actions)
+        return state, state.out
 
     @staticmethod
     def _row_keys(g, sat, actions, t):
         return [g[i].tobytes() + sat[i, :t + 1].tobytes() + actions[i, :t].tobytes()
                 for i in range(len(g))]
 
-    def _past_from_parents(self, g, sat, actions, parents):
-        """Return the previous call's (keys, values) of ``parents`` if the prefixes match."""
+    def _kv_prefix(self, g, sat, actions):
+        """Run cached steps 0..t over whole prefixes; return (outputs, keys, values)."""
         t = actions.shape[1]
-        last = self._kv_last
-        if parents is None or last is None or last[0] != t - 1:
-            return None
-        lt, lg, lsat, lact, keys, values = last
-        parents = np.asarray(parents, np.int64).reshape(-1)
-        if parents.shape != (len(g),) or parents.min(initial=0) < 0 or \
-                parents.max(initial=0) >= len(lg):
-            return None
-        if not (np.array_equal(lg[parents], g) and np.array_equal(lsat[parents], sat[:, :t])
-                and np.array_equal(lact[parents], actions[:, :t - 1])):
-            return None
-        return keys[:, parents], values[:, parents]
+        out, keys, values = self._kv_run(0, g, sat[:, 0], None, None, None)
+        for s in range(1, t + 1):
+            out, keys, values = self._kv_run(s, g, sat[:, s], actions[:, s - 1], keys, values)
+        return out, keys, values
 
-    def _kv_logits(self, g, sat, actions, parents=None):
+    def _kv_logits(self, g, sat, actions):
         t = actions.shape[1]
-        past_k = past_v = None
-        if t > 0:
-            past = self._past_from_parents(g, sat, actions, parents)
-            if past is None and self._kv_last is not None and self._kv_last[0] == t - 1:
-                lt, lg, lsat, lact, keys, values = self._kv_last
-                index = {key: i for i, key in enumerate(self._row_keys(lg, lsat, lact, lt))}
-                rows = [index.get(key) for key in self._row_keys(g, sat, actions, t - 1)]
-                if all(r is not None for r in rows):
-                    past = keys[:, rows], values[:, rows]
-            if past is not None:
-                past_k, past_v = past
-            else:
-                _, past_k, past_v = self._kv_run(0, g, sat[:, 0], None, None, None)
-                for s in range(1, t):
-                    _, past_k, past_v = self._kv_run(s, g, sat[:, s], actions[:, s - 1],
-                                                     past_k, past_v)
-        action = actions[:, t - 1] if t > 0 else None
-        logits, keys, values = self._kv_run(t, g, sat[:, t], action, past_k, past_v)
+        past = None
+        if t > 0 and self._kv_last is not None and self._kv_last[0] == t - 1:
+            lt, lg, lsat, lact, keys, values = self._kv_last
+            index = {key: i for i, key in enumerate(self._row_keys(lg, lsat, lact, lt))}
+            rows = [index.get(key) for key in self._row_keys(g, sat, actions, t - 1)]
+            if all(r is not None for r in rows):
+                past = keys[:, rows], values[:, rows]
+        if past is None:
+            logits, keys, values = self._kv_prefix(g, sat, actions)
+        else:
+            logits, keys, values = self._kv_run(t, g, sat[:, t], actions[:, t - 1], *past)
         self._kv_last = (t, g.copy(), sat[:, :t + 1].copy(), actions[:, :t].copy(), keys,
                          values)
         return logits
 
-    def _kv_run(self, t, g, sat_t, action, past_k, past_v):
-        """Run cached step ``t`` over all rows in chunks of the beam batch."""
-        n, bsz, d = len(sat_t), self.beam, self.embed_dim
-        heads = int(self.config.decoder_heads)
-        layers = int(self.config.decoder_layers)
-        logits = np.empty((n, self.step_dim), np.float32)
-        keys = np.empty((layers, n, heads, 2 * t + 2, d // heads), np.float32)
-        values = np.empty_like(keys)
-        for lo in range(0, n, bsz):
-            m = min(bsz, n - lo)
-            sess, rows = self._kv[t], bsz
-            if m == 1 and self._kv1[t] is not None:
-                sess, rows = self._kv1[t], 1
+    def _kv_feeds(self, t, g, sat_t, action, past_k, past_v, lo, m, rows):
+        """Return the feeds of rows lo .. lo + m of cached step t, zero-padded to ``rows``."""
+        def pad(a, axis=0):
+            part = a[lo:lo + m] if axis == 0 else a[:, lo:lo + m]
+            if m == rows:
+                return np.ascontiguousarray(part)
+            shape = list(part.shape)
+            shape[axis] = rows
+            full = np.zeros(shape, part.dtype)
+            full[(slice(None),) * axis + (slice(0, m),)] = part
+            return full
+        if t == 0:
+            return {'g': pad(g), 'sat': pad(sat_t)}
+        return {'sat': pad(sat_t), 'action': pad(action), 'past_k': pad(past_k, 1),
+                'past_v': pad(past_v, 1)}
 
-            def pad(a, axis=0):
-                part = a[lo:lo + m] if axis == 0 else a[:, lo:lo + m]
-                if m == rows:
-                    return np.ascontiguousarray(part)
-                shape = list(part.shape)
-                shape[axis] = rows
-                full = np.zeros(shape, part.dtype)
-                full[(slice(None),) * axis + (slice(0, m),)] = part
-                return full
-            if t == 0:
-                feeds = {'g': pad(g), 'sat': pad(sat_t)}
-            else:
-                feeds = {'sat': pad(sat_t), 'action': pad(action), 'past_k': pad(past_k, 1),
-                         'past_v': pad(past_v, 1)}
-            lg, k, v = sess.run(None, feeds)
-            logits[lo:lo + m], keys[:, lo:lo + m], values[:, lo:lo + m] = lg[:m], k[:, :m], \
-                v[:, :m]
-        return logits, keys, values
+    def _kv_session(self, t, m):
+        if m == 1 and self._kv1[t] is not None:
+            return self._kv1[t], 1
+        return self._kv[t], self.beam
+
+    def _kv_run(self, t, g, sat_t, action, past_k, past_v):
+        """Run cached step ``t`` over all rows (in chunks of the beam batch).
+
+        Returns (outputs [n, step_dim], keys, values [layers, n, heads, tokens, D / heads]).
+        """
+        n = len(sat_t)
+        if n <= self.beam:
+            sess, rows = self._kv_session(t, n)
+            out, keys, values = sess.run(None, self._kv_feeds(t, g, sat_t, action, past_k,
+                                                              past_v, 0, n, rows))
+            return out[:n], keys[:, :n], values[:, :n]
+        parts = []
+        for lo in range(0, n, self.beam):
+            m = min(self.beam, n - lo)
+            sess, rows = self._kv_session(t, m)
+            out, keys, values = sess.run(None, self._kv_feeds(t, g, sat_t, action, past_k,
+                                                              past_v, lo, m, rows))
+            parts.append((out[:m], keys[:, :m], values[:, :m]))
+        return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts], 1),
+                np.concatenate([p[2] for p in parts], 1))
+
+
+class _KVState:
+    """Decoding state of the key/value cache: the keys and values of every live path."""
+
+    def __init__(self, backend, g, sat, actions):
+        self.backend = backend
+        sat = np.asarray(sat, np.float32)
+        actions = np.asarray(actions, np.int64).reshape(len(sat), -1)
+        self.t = actions.shape[1]
+        g = np.repeat(np.asarray(g, np.float32).reshape(1, -1), len(sat), axis=0)
+        self.out, self.keys, self.values = backend._kv_prefix(g, sat, actions)
+
+    def step(self, sat_t, action, parents):
+        """Extend paths by one step; return their outputs (see base.DecodingState.step)."""
+        self.t += 1
+        self.out, self.keys, self.values = self.backend._kv_run(
+            self.t, None, np.asarray(sat_t, np.float32), np.asarray(action, np.int64),
+            self.keys[:, parents], self.values[:, parents])
+        return self.out

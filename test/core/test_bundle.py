@@ -139,6 +139,29 @@ def test_tokens_equal_the_model_encoding_of_each_cell_view(world):
         b.token(Cell(0, 0, ROOT_Z))
 
 
+def test_usable_children_are_held_cells_with_imagery(world):
+    from geozoom_ros.bundle import MIN_COVERAGE
+
+    b = load_bundle(world['bundle'])
+    for level in range(1, b.steps + 1):
+        lv = b.levels[level]
+        # Every cell of the level, plus a ring of cells just outside it.
+        xs, ys = np.meshgrid(np.arange(lv.x0 - 1, lv.x0 + lv.nx + 1),
+                             np.arange(lv.y0 - 1, lv.y0 + lv.ny + 1))
+        idx, ok = b.usable_children(level, xs.ravel(), ys.ravel())
+        inside = lv.inside(xs.ravel(), ys.ravel())
+        want = inside.copy()
+        if lv.offset >= 0:
+            local, _ = lv.local_index(xs.ravel(), ys.ravel())
+            cov = np.asarray(b.coverage[local + lv.offset], np.float32)
+            want &= cov >= MIN_COVERAGE
+            assert (inside & ~want).any() or level == 1  # some held views have no imagery
+        np.testing.assert_array_equal(ok, want)
+        assert (idx[~inside] == 0).all()
+        np.testing.assert_array_equal(idx[inside], lv.local_index(xs.ravel(), ys.ravel())[0]
+                                      [inside])
+
+
 def test_mismatched_model_is_refused_with_one_line(world):
     from geozoom_ros.model.io import model_hash
     from geozoom_ros.runtime.torch_backend import TorchBackend

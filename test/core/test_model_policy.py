@@ -21,9 +21,15 @@ def tiny(**kw):
     return PolicyConfig(**base)
 
 
-def test_decoder_shapes_and_causality():
+@pytest.mark.parametrize('layout', ['interleaved', 'fused'])
+def test_decoder_shapes_and_causality(layout):
     torch.manual_seed(0)
-    dec = ZoomDecoder(32, 16, layers=2, heads=4, dropout=0.0).eval()
+    dec = ZoomDecoder(32, 16, layers=2, heads=4, dropout=0.0, tokens=layout).eval()
+    x, sat_pos = dec.sequence(torch.randn(3, 32), torch.randn(3, 4, 32),
+                              torch.randint(0, 16, (3, 3)))
+    # Interleaved: g, s0, a0, s1, a1, s2, a2, s3; fused: g, s0, s1+a0, s2+a1, s3+a2.
+    assert x.shape[1] == dec.tokens_through(3) == {'interleaved': 8, 'fused': 5}[layout]
+    assert sat_pos == ([1, 3, 5, 7] if layout == 'interleaved' else [1, 2, 3, 4])
     g, sat = torch.randn(3, 32), torch.randn(3, 4, 32)
     actions = torch.randint(0, 16, (3, 4))
     logits = dec(g, sat, actions)
@@ -37,6 +43,10 @@ def test_decoder_shapes_and_causality():
         assert torch.allclose(out[:, :t + 1], logits[:, :t + 1], atol=1e-6)
         if t < 3:
             assert not torch.allclose(out[:, t + 1:], logits[:, t + 1:], atol=1e-4)
+    # Each action reaches the logits of the next step (fused into the view it led to).
+    a3 = actions.clone()
+    a3[:, 0] = (a3[:, 0] + 1) % 16
+    assert not torch.allclose(dec(g, sat, a3)[:, 1], logits[:, 1], atol=1e-4)
 
 
 def test_policy_api_and_step_logits_match_forward():

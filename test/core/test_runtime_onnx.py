@@ -34,12 +34,13 @@ TOL = 1e-4
 K, STEPS, ROOT_Z, D = 4, 3, 14, 32
 
 
-def _policy(folder, heading=False, seed=0, head='linear'):
+def _policy(folder, heading=False, seed=0, head='linear', tokens='interleaved'):
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     cfg = PolicyConfig(embed_dim=D, grid_k=K, steps=STEPS, root_zoom=ROOT_Z, view_size=32,
                        ground_size=(48, 32), decoder_layers=2, decoder_heads=4, dropout=0.0,
-                       heading_input=heading, action_head=head, match_dim=8)
+                       heading_input=heading, action_head=head, match_dim=8,
+                       decoder_tokens=tokens)
     model = ZoomPolicy(cfg, pretrained=False).eval()
     with torch.no_grad():
         # Spread the untrained decoder's logits so the paths are decided by clear margins.
@@ -167,6 +168,41 @@ def test_search_parity_greedy_and_beam(plain):
     assert len(distinct) > 1  # the frames lead to different paths: parity is not vacuous
 
 
+def _assert_same_search(tb, ob, bundle, gs):
+    """Greedy and beam search give the same paths and probabilities on both backends."""
+    paths = set()
+    for g in np.asarray(gs, np.float32):
+        for run in (lambda b: greedy(b, bundle, g), lambda b: beam(b, bundle, g, 8)):
+            rt, ro = run(tb), run(ob)
+            assert [h.path for h in ro.hypotheses] == [h.path for h in rt.hypotheses]
+            np.testing.assert_allclose([h.prob for h in ro.hypotheses],
+                                       [h.prob for h in rt.hypotheses], atol=TOL, rtol=0)
+            paths.add(rt.hypotheses[0].path)
+    assert len(paths) > 1  # the tokens lead to different paths: parity is not vacuous
+
+
+def test_fused_layout_cache_holds_one_token_per_step_and_matches_torch(tmp_path):
+    model = _policy(tmp_path / 'model', tokens='fused')
+    tb, ob = TorchBackend(model), OnnxBackend(model, threads=1)
+    for name in ('kv_1', 'kv_2'):
+        graph = onnx.load(str(model / 'onnx' / ob.manifest['files'][name])).graph
+        shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
+                  for i in list(graph.input) + list(graph.output)}
+        t = int(name[3])
+        assert shapes['past_k'] == [2, 8, 4, t + 1, D // 4]
+        assert shapes['keys'] == [2, 8, 4, t + 2, D // 4]
+    rng = np.random.default_rng(4)
+    for n in (1, 8, 11):
+        for t in range(STEPS):
+            g = rng.standard_normal((n, D)).astype(np.float32)
+            sat = rng.standard_normal((n, t + 1, D)).astype(np.float32)
+            acts = rng.integers(0, K * K, (n, t))
+            np.testing.assert_allclose(ob.step_logits(g, sat, acts),
+                                       tb.step_logits(g, sat, acts), atol=TOL, rtol=0)
+    bundle = _bundle(tmp_path / 'bundle', tb.model_hash)
+    _assert_same_search(tb, ob, bundle, np.random.default_rng(6).standard_normal((6, D)))
+
+
 def test_match_head_parity_through_search_and_keys_decide_the_path(tmp_path):
     model = _policy(tmp_path / 'model', head='match')
     tb, ob = TorchBackend(model), OnnxBackend(model, threads=1)
@@ -179,15 +215,7 @@ def test_match_head_parity_through_search_and_keys_decide_the_path(tmp_path):
         acts = rng.integers(0, K * K, (3, t))
         np.testing.assert_allclose(ob.step_logits(g, sat, acts), tb.step_logits(g, sat, acts),
                                    atol=TOL, rtol=0)
-    paths = set()
-    for g in rng.standard_normal((4, D)).astype(np.float32):
-        for run in (lambda b: greedy(b, bundle, g), lambda b: beam(b, bundle, g, 8)):
-            rt, ro = run(tb), run(ob)
-            assert [h.path for h in ro.hypotheses] == [h.path for h in rt.hypotheses]
-            np.testing.assert_allclose([h.prob for h in ro.hypotheses],
-                                       [h.prob for h in rt.hypotheses], atol=TOL, rtol=0)
-            paths.add(rt.hypotheses[0].path)
-    assert len(paths) > 1
+    _assert_same_search(tb, ob, bundle, rng.standard_normal((4, D)))
     # The keys decide: swapping two children's keys swaps their logits and nothing else.
     g = rng.standard_normal((1, D)).astype(np.float32)
     root = bundle.roots[0]
@@ -306,7 +334,7 @@ def test_kv_cache_serves_the_search_without_recomputation(plain, monkeypatch):
     assert calls == list(range(STEPS))
 
 
-def test_parents_reuse_the_cache_and_wrong_parents_fall_back(plain, monkeypatch):
+def test_content_cache_reuses_reordered_prefixes(plain, monkeypatch):
     ob, tb = plain['onnx'], plain['torch']
     rng = np.random.default_rng(4)
     n = 3
@@ -319,13 +347,40 @@ def test_parents_reuse_the_cache_and_wrong_parents_fall_back(plain, monkeypatch)
     acts = np.array([[5], [1], [7]], np.int64)
     want = tb.step_logits(g1, sat1, acts)
     calls = _count_kv_runs(ob, monkeypatch)
-    got = ob.step_logits(g1, sat1, acts, parents=order)
+    got = ob.step_logits(g1, sat1, acts)
     assert calls == [1]  # the cached step 0 served every row
     np.testing.assert_allclose(got, want, atol=1e-4)
-    # Parents that do not match the prefixes (or are out of range) are not trusted: the rows
-    # are matched by content or recomputed, and the logits are the same.
-    ob.step_logits(g, sat[:, :1], np.zeros((n, 0), np.int64))
-    for bad in (np.array([0, 1, 2]), np.array([0, 0, 9])):
-        ob.step_logits(g, sat[:, :1], np.zeros((n, 0), np.int64))
-        np.testing.assert_allclose(ob.step_logits(g1, sat1, acts, parents=bad), want,
-                                   atol=1e-4)
+    # Rows whose prefix the previous call did not hold are recomputed from step 0.
+    calls.clear()
+    other = rng.standard_normal((n, 2, D)).astype(np.float32)
+    np.testing.assert_allclose(ob.step_logits(g1, other, acts),
+                               tb.step_logits(g1, other, acts), atol=1e-4)
+    assert calls == [0, 1]
+
+
+def test_decoding_state_keeps_the_cache_and_equals_step_logits(plain, monkeypatch):
+    ob, tb = plain['onnx'], plain['torch']
+    rng = np.random.default_rng(8)
+    g = rng.standard_normal(D).astype(np.float32)
+    sat = rng.standard_normal((3, STEPS, D)).astype(np.float32)
+    acts = rng.integers(0, K * K, (3, STEPS - 1))
+    for t0 in (0, 1):  # from the roots, or from a deeper start (a prior)
+        calls = _count_kv_runs(ob, monkeypatch)
+        (so, out_o), (st, out_t) = (b.start_decoding(g, sat[:, :t0 + 1], acts[:, :t0])
+                                    for b in (ob, tb))
+        np.testing.assert_allclose(out_o, out_t, atol=TOL)
+        rows, hist_sat, hist_act = np.arange(3), sat[:, :t0 + 1], acts[:, :t0]
+        for t in range(t0 + 1, STEPS):
+            parents = np.array([2, 0, 0])  # survivors in another order, one kept twice
+            new_sat = rng.standard_normal((3, D)).astype(np.float32)
+            new_act = rng.integers(0, K * K, 3)
+            got = so.step(new_sat, new_act, parents)
+            np.testing.assert_allclose(got, st.step(new_sat, new_act, parents), atol=TOL)
+            rows = rows[parents]
+            hist_sat = np.concatenate([hist_sat[parents], new_sat[:, None]], axis=1)
+            hist_act = np.concatenate([hist_act[parents], new_act[:, None]], axis=1)
+            want = tb.step_logits(np.repeat(g[None], 3, axis=0), hist_sat, hist_act)
+            np.testing.assert_allclose(got, want, atol=TOL)
+        # One cached run per step: the prefix at the start, then one per step() call.
+        assert calls == list(range(STEPS))
+        monkeypatch.undo()

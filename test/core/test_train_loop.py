@@ -45,7 +45,7 @@ def world(tmp_path_factory):
 
 
 @pytest.mark.parametrize('method,head', [('zoom', 'linear'), ('zoom', 'match'),
-                                         ('retrieval', 'linear')])
+                                         ('zoom', 'linear-fused'), ('retrieval', 'linear')])
 def test_teacher_forced_loss_decreases_on_a_tiny_set(world, method, head):
     tiles, csv_path, _ = world
     torch.manual_seed(0)
@@ -54,7 +54,9 @@ def test_teacher_forced_loss_decreases_on_a_tiny_set(world, method, head):
                      heading_noise_deg=0.0, label_smoothing=0.0, lr=1e-3,
                      aux_contrastive_weight=0.0)
     preset.model.dropout = 0.0
+    head, _, layout = head.partition('-')
     preset.model.action_head = head
+    preset.model.decoder_tokens = layout or 'interleaved'
     data = load_data([(tiles, csv_path)], preset, progress=False)
     from geozoom_ros.model.policy import ZoomPolicy
     from geozoom_ros.model.retrieval import RetrievalModel
