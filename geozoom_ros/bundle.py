@@ -271,6 +271,25 @@ class Bundle:
             ok &= has[idx]
         return idx, ok
 
+    def imagery_table(self):
+        """Return ``(usable, offsets)``: the imagery masks of the token levels below the roots.
+
+        ``usable`` is one bool array over the cells of levels 1 .. steps - 1, one level after
+        another (row order within a level); ``offsets[level]`` is where a level starts. Cached.
+        """
+        if 'table' not in self._imagery:
+            parts, offsets, n = [], {}, 0
+            for level in range(1, self.steps):
+                has = self._has_imagery(level)
+                if has is None:
+                    has = np.ones(self.levels[level].count, bool)
+                offsets[level] = n
+                parts.append(has)
+                n += len(has)
+            usable = np.concatenate(parts) if parts else np.ones(1, bool)
+            self._imagery['table'] = (usable, offsets)
+        return self._imagery['table']
+
     def _has_imagery(self, level):
         """Return a cached bool array over a level's cells (None: terminal or no coverage)."""
         if level not in self._imagery:

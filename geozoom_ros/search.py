@@ -270,10 +270,100 @@ def _shortlist_roots(roots, bundle, shortlist, g, max_roots):
     return [bundle.roots[i] for i in shortlist.select(g, max_roots, among)] or roots[:1]
 
 
-def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlist=None,
-            max_roots=0):
+def _decode_levels(backend, bundle, g, sat, actions, xs, ys, root_id, level, width,
+                   per_root, box):
+    """Decode from ``level`` to the terminal level, one batched decoder step per level.
+
+    ``per_root``: keep the ``width`` best paths of every root (else of all roots together).
+    Returns ``(logp, xs, ys, root_id, actions, decoder calls)`` of the surviving terminal
+    paths, best first within each root, or False when every child is masked.
+    """
     k, steps = bundle.k, bundle.steps
     kk = k * k
+    tokens = _plain(bundle.tokens)
+    logp = np.zeros(len(xs))
+    ar = np.arange(kk)
+    rr, cc = ar // k, ar % k
+    state, out = backend.start_decoding(g, sat, actions)
+    calls = 1
+    for lv in range(level, steps):
+        nxt = bundle.levels[lv + 1]
+        cx = xs[:, None] * k + cc
+        cy = ys[:, None] * k + rr
+        logits = children_logits(backend, bundle, out, lv + 1, cx, cy)
+        idx, valid = bundle.usable_children(lv + 1, cx, cy)
+        if box is not None:
+            valid &= _overlaps(box, cx, cy, nxt.zoom)
+        logits[~(valid & np.isfinite(logits))] = -np.inf
+        cand = logp[:, None] + _log_softmax(logits)  # [n, kk]
+        flat = cand.ravel()
+        if per_root:
+            keep = []
+            for r in np.unique(root_id):
+                sel = np.flatnonzero(np.repeat(root_id == r, kk))
+                keep.append(sel[np.argsort(-flat[sel], kind='stable')[:width]])
+            keep = np.concatenate(keep)
+        elif width == 1:
+            keep = np.argmax(flat)[None]
+        else:
+            keep = np.argsort(-flat, kind='stable')[:width]
+        keep = keep[flat[keep] > -np.inf]
+        if not keep.size:
+            return False
+        parent, act = np.divmod(keep, kk)
+        logp = flat[keep]
+        xs, ys = cx[parent, act], cy[parent, act]
+        root_id = root_id[parent]
+        actions = np.concatenate([actions[parent], act[:, None]], axis=1)
+        if lv + 1 < steps:
+            new_tok = tokens[idx[parent, act] + nxt.offset].astype(np.float32)
+            out = state.step(new_tok, act, parent)
+            calls += 1
+    return logp, xs, ys, root_id, actions, calls
+
+
+def _allowed_range(lo, hi, z, axis, box):
+    """Return the first and last cell index along ``axis`` (0: x, 1: y) at zoom ``z`` in
+    ``[lo, hi]`` whose cells overlap ``box`` (None: no box), with the arithmetic of
+    :func:`_overlaps`; ``(lo, lo - 1)`` when none does."""
+    if box is None:
+        return lo, hi
+    idx = np.arange(lo, hi + 1)
+    left, bottom, right, top = _cell_merc_bounds(idx, idx, z)
+    xmin, ymin, xmax, ymax = box
+    ok = (left < xmax) & (right > xmin) if axis == 0 else (bottom < ymax) & (top > ymin)
+    hit = idx[ok]
+    return (int(hit[0]), int(hit[-1])) if hit.size else (lo, lo - 1)
+
+
+def _graph_levels(run, bundle, g, sat, actions, xs, ys, level, box):
+    """Decode with a backend's whole-search graph: one call per frame.
+
+    The start cells (``xs``, ``ys`` at ``level``) share one beam, as in :func:`_decode_levels`
+    without ``per_root``; same selection, float32 instead of float64 scores. Returns its
+    tuple, or False when every child is masked.
+    """
+    usable, use_offset = bundle.imagery_table()
+    geom = np.empty((bundle.steps - level, 9), np.int64)
+    for i, lv in enumerate(range(level, bundle.steps)):
+        nxt = bundle.levels[lv + 1]
+        xr = _allowed_range(nxt.x0, nxt.x0 + nxt.nx - 1, nxt.zoom, 0, box)
+        yr = _allowed_range(nxt.y0, nxt.y0 + nxt.ny - 1, nxt.zoom, 1, box)
+        geom[i] = (nxt.x0, nxt.y0, nxt.nx, max(nxt.offset, 0), use_offset.get(lv + 1, 0),
+                   *xr, *yr)
+    logp, cx, cy, paths, origin = run(g.reshape(1, -1), sat, actions,
+                                      np.stack([xs, ys], axis=1), _plain(bundle.tokens),
+                                      usable, geom)
+    keep = logp > -np.inf
+    if not keep.any():
+        return False
+    return (logp[keep].astype(np.float64), cx[keep], cy[keep], origin[keep], paths[keep],
+            bundle.steps - level)
+
+
+def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlist=None,
+            max_roots=0):
+    k = bundle.k
     g = np.asarray(g, dtype=np.float32).reshape(1, -1)
     if g.shape[1] != bundle.embed_dim or not np.all(np.isfinite(g)):
         raise InputError(f'ground token has shape {g.shape} (finite: '
@@ -310,49 +400,24 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
         root_rows = rows[:, None]
         actions = np.zeros((len(roots), 0), np.int64)
         root_id = np.arange(len(roots), dtype=np.int64)
-    logp = np.zeros(len(xs))
     # A plain-array view of the memory map: indexing it skips numpy.memmap's Python layer.
     tokens = _plain(bundle.tokens)
     sat = tokens[root_rows.ravel()].astype(np.float32).reshape(len(xs), root_rows.shape[1], -1)
     start = start_cell if start_cell is not None else (roots[0] if len(roots) == 1 else None)
 
-    ar = np.arange(kk)
-    rr, cc = ar // k, ar % k
-    state, out = backend.start_decoding(g, sat, actions)
-    calls = 1
-    for lv in range(level, steps):
-        nxt = bundle.levels[lv + 1]
-        cx = xs[:, None] * k + cc
-        cy = ys[:, None] * k + rr
-        logits = children_logits(backend, bundle, out, lv + 1, cx, cy)
-        idx, valid = bundle.usable_children(lv + 1, cx, cy)
-        if box is not None:
-            valid &= _overlaps(box, cx, cy, nxt.zoom)
-        logits[~(valid & np.isfinite(logits))] = -np.inf
-        cand = logp[:, None] + _log_softmax(logits)  # [n, kk]
-        flat = cand.ravel()
-        if per_root and len(roots) > 1:
-            keep = []
-            for r in np.unique(root_id):
-                sel = np.flatnonzero(np.repeat(root_id == r, kk))
-                keep.append(sel[np.argsort(-flat[sel], kind='stable')[:width]])
-            keep = np.concatenate(keep)
-        elif width == 1:
-            keep = np.argmax(flat)[None]
-        else:
-            keep = np.argsort(-flat, kind='stable')[:width]
-        keep = keep[flat[keep] > -np.inf]
-        if not keep.size:
-            return None
-        parent, act = np.divmod(keep, kk)
-        logp = flat[keep]
-        xs, ys = cx[parent, act], cy[parent, act]
-        root_id = root_id[parent]
-        actions = np.concatenate([actions[parent], act[:, None]], axis=1)
-        if lv + 1 < steps:
-            new_tok = tokens[idx[parent, act] + nxt.offset].astype(np.float32)
-            out = state.step(new_tok, act, parent)
-            calls += 1
+    decoded = None
+    graph = getattr(backend, 'search_graph', None)
+    if graph is not None and not (per_root and len(roots) > 1) \
+            and isinstance(tokens, np.ndarray):
+        run = graph(width, level, len(xs))
+        if run is not None:
+            decoded = _graph_levels(run, bundle, g, sat, actions, xs, ys, level, box)
+    if decoded is None:
+        decoded = _decode_levels(backend, bundle, g, sat, actions, xs, ys, root_id, level,
+                                 width, per_root and len(roots) > 1, box)
+    if decoded is False:
+        return None
+    logp, xs, ys, root_id, actions, calls = decoded
 
     # Weight roots by their best surviving path.
     probs = np.exp(logp)

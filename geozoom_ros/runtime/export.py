@@ -14,6 +14,11 @@ Files written into the export folder (default ``<model>/onnx/``)::
                      [B, step_dim] and the keys/values of all tokens so far.
                      ``kv_<t>_b1.onnx``: the same at batch 1 (greedy search, a single
                      root), when B > 1.
+    search_<t>_w<W>.onnx  (decoder='kv', linear action heads) a whole zoom search of width
+                     W (B and 1) from one start cell at level t, in one graph; inputs and
+                     outputs in :mod:`geozoom_ros.runtime.graphs`. The map's arrays
+                     (tokens, usable) are its only inputs without a static shape.
+                     ``search_0_w<W>_roots.onnx``: the same from any number of roots.
     step_<t>.onnx    (decoder='per-step') one stateless step per t: g [B, D],
                      sat [B, t + 1, D] (+ actions int64 [B, t] for t > 0) -> logits [B, k * k]
     decoder_full.onnx  (decoder='full') the fixed-length decoder: g [B, D],
@@ -22,8 +27,9 @@ Files written into the export folder (default ``<model>/onnx/``)::
                      cannot change row t and no mask is needed.
     manifest.json    model hash, opset, shapes and files (written last, atomically)
 
-Every graph has static shapes (what TensorRT compiles best) and is checked with
-``onnx.checker``. Smaller batches are padded to B; larger ones run in chunks of B.
+Every graph except the search graphs' map inputs and roots has static shapes (what TensorRT
+compiles best) and is checked with ``onnx.checker``. Smaller batches are padded to B; larger
+ones run in chunks of B.
 
 Which decoder: measured with onnxruntime on the 2-core CPU, one thread, the CPU recipe's
 decoder (embed 256, 4 layers, 8 heads, 4 steps of a 4 x 4 grid), B = 8, while a training job
@@ -43,7 +49,7 @@ from geozoom_ros.fileio import atomic_write, atomic_write_json
 
 MANIFEST = 'manifest.json'
 FORMAT = 'geozoom-onnx'
-FORMAT_VERSION = 2  # 2: lean rotary embedding in the key/value steps
+FORMAT_VERSION = 3  # 2: lean rotary embedding in the key/value steps; 3: search graphs
 OPSET = 17
 DECODERS = ('kv', 'per-step', 'full')
 
@@ -94,7 +100,7 @@ def _check(path):
     onnx.checker.check_model(os.fspath(path))
 
 
-def _export(module, args, names, outputs, path):
+def _export(module, args, names, outputs, path, dynamic=None):
     import onnx
     import torch
 
@@ -111,7 +117,8 @@ def _export(module, args, names, outputs, path):
             # The TorchScript exporter is chosen on purpose (static traces, opset 17).
             warnings.simplefilter('ignore', DeprecationWarning)
             torch.onnx.export(module, args, tmp, dynamo=False, opset_version=OPSET,
-                              input_names=names, output_names=outputs, do_constant_folding=True)
+                              input_names=names, output_names=outputs, do_constant_folding=True,
+                              dynamic_axes=dynamic)
         # Reshapes through -1 leave the tracer's output shape symbolic; the shape is static.
         graph = onnx.load(tmp)
         for output, shape in zip(graph.graph.output, shapes):
@@ -121,6 +128,43 @@ def _export(module, args, names, outputs, path):
         onnx.save(graph, tmp)
         _check(tmp)
     atomic_write(path, write)
+
+
+def _search_jobs(model, beam):
+    """Return export jobs of the whole-search graphs: every start level, widths beam and 1."""
+    import torch
+
+    from geozoom_ros.runtime.graphs import SearchGraph
+
+    cfg = model.config
+    d, k, steps = cfg.embed_dim, cfg.grid_k, cfg.steps
+    jobs = []
+    for width in sorted({int(beam), 1}):
+        # One start path at every level (a root, or a prior's start cell), and any number of
+        # roots at level 0; a fixed R = 1 keeps the graph free of shape arithmetic.
+        for t, starts in [(t, 1) for t in range(steps)] + [(0, None)]:
+            # An example map: the start cell's descendants, every view with imagery.
+            rows, offset = [], 0
+            for lv in range(t, steps):
+                side = k ** (lv + 1 - t)
+                rows.append([0, 0, side, offset, offset, 0, side - 1, 0, side - 1])
+                offset += side * side if lv + 1 < steps else 0
+            r = starts or 2
+            args = [torch.zeros(1, d), torch.zeros(r, t + 1, d)]
+            names = ['g', 'sat']
+            dynamic = {'tokens': {0: 'rows'}, 'usable': {0: 'cells'}}
+            if starts is None:
+                dynamic.update({'sat': {0: 'starts'}, 'start': {0: 'starts'}})
+            if t > 0:
+                args.append(torch.zeros(r, t, dtype=torch.long))
+                names.append('actions')
+            args += [torch.zeros(r, 2, dtype=torch.long), torch.zeros(max(offset, 1), d).half(),
+                     torch.ones(max(offset, 1), dtype=torch.bool), torch.tensor(rows)]
+            names += ['start', 'tokens', 'usable', 'geom']
+            name = f'search_{t}_w{width}' + ('' if starts else '_roots')
+            jobs.append((name, SearchGraph(model, t, width), tuple(args), names,
+                         ['logp', 'x', 'y', 'paths', 'origin'], dynamic))
+    return jobs
 
 
 def export_onnx(model_path, out_dir=None, beam=8, decoder='kv', progress=False):
@@ -136,6 +180,7 @@ def export_onnx(model_path, out_dir=None, beam=8, decoder='kv', progress=False):
     import torch
 
     from geozoom_ros.model.io import load_model, model_hash
+    from geozoom_ros.runtime.graphs import KVStep
 
     if decoder not in DECODERS:
         raise InputError(f'decoder {decoder!r} is unknown; use one of {", ".join(DECODERS)}')
@@ -179,54 +224,6 @@ def export_onnx(model_path, out_dir=None, beam=8, decoder='kv', progress=False):
         def forward(self, g, sat, actions):
             return self.m.decoder(g, sat, actions)
 
-    class KVStep(Step):
-        # Step t feeds the new tokens (g, s_0 at t = 0; later a_{t-1}, s_t, or the fused
-        # s_t + a_{t-1}) and the keys/values of the earlier ones; it returns the logits and the
-        # grown cache.
-        def forward(self, *inputs):
-            from geozoom_ros.model.decoder import rope_tables, TYPE_GROUND
-
-            dec, t = self.m.decoder, self.t
-            if t == 0:
-                g, sat_t = inputs
-                first = dec.in_norm(g) + dec.type_embed.weight[TYPE_GROUND]
-                x = torch.stack((first, dec.view_token(sat_t)), dim=1)
-            else:
-                sat_t, action, past_k, past_v = inputs
-                if dec.fused:
-                    x = dec.view_token(sat_t, action)[:, None]
-                else:
-                    x = torch.stack((dec.action_token(action), dec.view_token(sat_t)), dim=1)
-            new = x.shape[1]
-            length, heads = dec.tokens_through(t), dec.heads
-            cos, sin = rope_tables(length, dec.dim // heads, x.device, x.dtype)
-            # Rotary embedding as x * C + (x @ R) * S with constant tables: four operators
-            # instead of the slices, stacks and reshapes of apply_rope (same values).
-            cos_i = cos[length - new:].repeat_interleave(2, dim=-1)
-            sin_i = sin[length - new:].repeat_interleave(2, dim=-1)
-            dh = dec.dim // heads
-            rot = torch.zeros(dh, dh, dtype=x.dtype)
-            idx = torch.arange(0, dh, 2)
-            rot[idx + 1, idx] = -1.0  # out[2i] = -x[2i + 1]
-            rot[idx, idx + 1] = 1.0   # out[2i + 1] = x[2i]
-            mask = torch.ones(new, length, dtype=torch.bool).tril(diagonal=length - new)
-            keys, values = [], []
-            for i, blk in enumerate(dec.blocks):
-                b, n, dim = x.shape
-                q, k, v = blk.attn.qkv(blk.norm1(x)).view(b, n, 3, heads, dim // heads) \
-                    .permute(2, 0, 3, 1, 4)
-                q = q * cos_i + (q @ rot) * sin_i
-                k = k * cos_i + (k @ rot) * sin_i
-                if t > 0:
-                    k = torch.cat((past_k[i], k), dim=2)
-                    v = torch.cat((past_v[i], v), dim=2)
-                keys.append(k)
-                values.append(v)
-                y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
-                x = x + blk.attn.proj(y.transpose(1, 2).reshape(b, n, dim))
-                x = x + blk.mlp(blk.norm2(x))
-            return dec.readout(dec.norm(x[:, new - 1])), torch.stack(keys), torch.stack(values)
-
     jobs = []
     x = torch.zeros(1, 3, h, w)
     if heading:
@@ -258,8 +255,10 @@ def export_onnx(model_path, out_dir=None, beam=8, decoder='kv', progress=False):
                                        d // heads)
                     args = (sat_t, torch.zeros(bsz, dtype=torch.long), past, past.clone())
                     names = ['sat', 'action', 'past_k', 'past_v']
-                jobs.append((f'kv_{t}{suffix}', KVStep(t), args, names,
+                jobs.append((f'kv_{t}{suffix}', KVStep(model, t), args, names,
                              ['logits', 'keys', 'values']))
+        if cfg.action_head == 'linear':
+            jobs += _search_jobs(model, beam)
     else:
         acts = torch.zeros(beam, steps - 1, dtype=torch.long)
         jobs.append(('decoder_full', Full(), (g, torch.zeros(beam, steps, d), acts),
@@ -271,9 +270,9 @@ def export_onnx(model_path, out_dir=None, beam=8, decoder='kv', progress=False):
         from tqdm import tqdm
         bar = tqdm(total=len(jobs), desc='export onnx', unit='graph')
     with torch.no_grad():
-        for name, module, args, inputs, outputs in jobs:
+        for name, module, args, inputs, outputs, *dynamic in jobs:
             files[name] = f'{name}.onnx'
-            _export(module.eval(), args, inputs, outputs, out_dir / files[name])
+            _export(module.eval(), args, inputs, outputs, out_dir / files[name], *dynamic)
             if bar is not None:
                 bar.update(1)
     if bar is not None:

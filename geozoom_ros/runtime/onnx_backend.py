@@ -107,6 +107,8 @@ class OnnxBackend(PolicyBackend):
             path = self.onnx_dir / self.manifest['files'][name]
             return ort.InferenceSession(os.fspath(path), sess_options=opts,
                                         providers=self.providers)
+        self._session = session
+        self._search = {}
 
         self.beam = int(self.manifest['beam'])
         self.decoder = self.manifest['decoder']
@@ -200,6 +202,23 @@ class OnnxBackend(PolicyBackend):
         state = _KVState(self, g, sat, actions)
         return state, state.out
 
+    def search_graph(self, width, level, starts=1):
+        """Return a function running a whole zoom search in one graph, or None.
+
+        There are graphs for searches of the exported beam width and greedy ones (width 1),
+        from one start cell at any level or from ``starts`` > 1 roots, for linear action heads
+        (:mod:`geozoom_ros.runtime.graphs`). The function takes ``(g [1, D], sat
+        [R, level + 1, D], actions [R, level], start [R, 2], tokens, usable, geom)`` and
+        returns ``(logp, x, y, paths, origin)``; :mod:`geozoom_ros.search` builds the
+        arguments.
+        """
+        name = f'search_{level}_w{int(width)}' + ('' if starts == 1 else '_roots')
+        if name not in self._search:
+            path = self.manifest['files'].get(name)
+            sess = None if path is None else self._session(name)
+            self._search[name] = None if sess is None else _search_runner(sess, level)
+        return self._search[name]
+
     @staticmethod
     def _row_keys(g, sat, actions, t):
         return [g[i].tobytes() + sat[i, :t + 1].tobytes() + actions[i, :t].tobytes()
@@ -271,6 +290,22 @@ class OnnxBackend(PolicyBackend):
             parts.append((out[:m], keys[:, :m], values[:, :m]))
         return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts], 1),
                 np.concatenate([p[2] for p in parts], 1))
+
+
+def _search_runner(sess, level):
+    names = ['logp', 'x', 'y', 'paths', 'origin']
+    # A graph that starts at the last token level never reads tokens or masks: the export
+    # drops inputs nothing uses.
+    inputs = {i.name for i in sess.get_inputs()}
+
+    def run(g, sat, actions, start, tokens, usable, geom):
+        feeds = {'g': np.ascontiguousarray(g, np.float32),
+                 'sat': np.ascontiguousarray(sat, np.float32), 'start': start,
+                 'tokens': tokens, 'usable': usable, 'geom': geom}
+        if level > 0:
+            feeds['actions'] = np.ascontiguousarray(actions, np.int64)
+        return sess.run(names, {k: v for k, v in feeds.items() if k in inputs})
+    return run
 
 
 class _KVState:

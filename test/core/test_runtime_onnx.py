@@ -14,7 +14,7 @@ import pytest
 
 from geozoom_ros.bundle import load_bundle, make_levels, write_bundle
 from geozoom_ros.errors import InputError
-from geozoom_ros.geo import cell_at, cell_bounds
+from geozoom_ros.geo import cell_at, cell_bounds, cell_center, child
 from geozoom_ros.runtime import BackendUnavailable, load_backend
 from geozoom_ros.search import beam, children_logits, greedy
 
@@ -95,15 +95,22 @@ def test_export_writes_checked_static_graphs(plain, tmp_path):
     manifest = read_manifest(plain['model'] / 'onnx')
     assert manifest['model_hash'] == model_hash(plain['model'])
     assert manifest['opset'] == 17 and manifest['decoder'] == 'kv'
-    assert sorted(manifest['files']) == ['encoder', 'kv_0', 'kv_0_b1', 'kv_1', 'kv_1_b1',
-                                         'kv_2', 'kv_2_b1']
+    searches = [f'search_{t}_w{w}' for t in range(STEPS) for w in (1, 8)] + \
+        ['search_0_w1_roots', 'search_0_w8_roots']
+    assert sorted(manifest['files']) == sorted(['encoder', 'kv_0', 'kv_0_b1', 'kv_1',
+                                                'kv_1_b1', 'kv_2', 'kv_2_b1'] + searches)
     for name, fname in manifest['files'].items():
         path = plain['model'] / 'onnx' / fname
         onnx.checker.check_model(str(path))
         graph = onnx.load(str(path)).graph
+        # Static shapes, except the search graphs' start paths (R) and map arrays.
+        dynamic = {'tokens': [0], 'usable': [0]} if name.startswith('search_') else {}
+        if name.endswith('_roots'):
+            dynamic.update({'sat': [0], 'start': [0]})
         for tensor in list(graph.input) + list(graph.output):
             dims = [d.dim_value for d in tensor.type.tensor_type.shape.dim]
-            assert all(v > 0 for v in dims), (name, tensor.name, dims)  # static shapes
+            fixed = [v for i, v in enumerate(dims) if i not in dynamic.get(tensor.name, [])]
+            assert all(v > 0 for v in fixed), (name, tensor.name, dims)
         if name.startswith('kv_'):
             t, b = int(name[3]), 1 if name.endswith('_b1') else 8
             shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
@@ -328,10 +335,46 @@ def test_kv_cache_serves_the_search_without_recomputation(plain, monkeypatch):
     ob, bundle = plain['onnx'], plain['bundle']
     calls = _count_kv_runs(ob, monkeypatch)
     g = np.random.default_rng(9).standard_normal(D).astype(np.float32)
-    result = beam(ob, bundle, g, 8)
+    # Greedy search over the 2 roots keeps a path per root: it runs step by step.
+    result = greedy(ob, bundle, g)
     assert result.decoder_calls == STEPS
-    # One run per step (beam of 8 fits one batch; the 2 roots at step 0 too): no prefix redone.
+    # One run per step (the 2 roots fit one batch): no prefix redone.
     assert calls == list(range(STEPS))
+
+
+def test_whole_search_graph_equals_the_stepwise_search(plain, monkeypatch):
+    ob, bundle = plain['onnx'], plain['bundle']
+    rng = np.random.default_rng(12)
+    used = []
+    graph = ob.search_graph
+
+    def counted(width, level, starts=1):
+        run = graph(width, level, starts)
+        return None if run is None else (lambda *a: used.append((width, level)) or run(*a))
+    cases = []
+    for g in rng.standard_normal((6, D)).astype(np.float32):
+        # Priors start the search below the roots (at level 1 and 2: their 3-sigma boxes fit
+        # in one cell there) and cut the levels to their box; the widest one starts at a root.
+        mid = child(bundle.roots[0], 5, K)
+        priors = [(*cell_center(mid), 60.0), (*cell_center(child(mid, 10, K)), 10.0),
+                  (*cell_center(mid), 900.0)]
+        for kw in [{}] + [{'prior': p} for p in priors]:
+            cases += [(beam, g, dict(width=8, **kw)), (greedy, g, kw),
+                      (beam, g, dict(width=3, **kw))]
+    monkeypatch.setattr(ob, 'search_graph', counted)
+    with_graph = [fn(ob, bundle, g, **kw) for fn, g, kw in cases]
+    monkeypatch.setattr(ob, 'search_graph', lambda width, level, starts=1: None)
+    stepwise = [fn(ob, bundle, g, **kw) for fn, g, kw in cases]
+    for a, b in zip(with_graph, stepwise):
+        assert [h.path for h in a.hypotheses] == [h.path for h in b.hypotheses]
+        assert [h.root for h in a.hypotheses] == [h.root for h in b.hypotheses]
+        np.testing.assert_allclose([h.prob for h in a.hypotheses],
+                                   [h.prob for h in b.hypotheses], atol=1e-5, rtol=0)
+        np.testing.assert_allclose(a.cov_en, b.cov_en, rtol=1e-4)
+    # Beam over both roots and every prior start used a graph; width 3 has none, and greedy
+    # search over several roots keeps one path per root, which the graphs do not.
+    assert {w for w, _ in used} == {1, 8} and {lv for _, lv in used} == {0, 1, 2}
+    assert len({a.hypotheses[0].path for a in with_graph}) > 3
 
 
 def test_content_cache_reuses_reordered_prefixes(plain, monkeypatch):

@@ -1,0 +1,161 @@
+"""Torch modules traced into the exported ONNX graphs of the zoom policy's decoder.
+
+- :func:`cached_blocks` runs the decoder's blocks over new tokens, attending to the cached
+  keys and values of the earlier ones (rotary embedding as ``x * C + (x @ R) * S`` with
+  constant tables: four operators instead of the slices, stacks and reshapes of
+  ``decoder.apply_rope``, same values).
+- :class:`KVStep`: one zoom step with a key/value cache (``kv_<t>.onnx``).
+- :class:`SearchGraph`: a whole zoom search from one start cell in one graph
+  (``search_<t>_w<W>.onnx``): every step's decoder pass, the children's masks, the
+  log-softmax, the selection of the ``W`` best paths (top-k) and the gathers of their view
+  tokens and caches. The search in Python calls it once per frame instead of once per step,
+  which removes the per-step calls and the numpy work between them.
+
+Inputs of a search graph (static shapes except R and the map's arrays):
+    g float32 [1, D]; sat float32 [R, t + 1, D] (for each of R start paths, its views from
+    the root to its start cell: R roots at t = 0, one cell below them with a prior);
+    actions int64 [R, t] (the actions from the root; absent when t = 0); start int64 [R, 2]
+    (x, y of the start cells at level t); tokens float16 [N, D] (the bundle's view tokens);
+    usable bool [M] (which cells of each token level hold imagery, levels one after another);
+    geom int64 [steps - t, 9], one row per child level t + 1 .. steps: (x0, y0, nx of the
+    level's grid, token row offset, usable offset, first and last allowed x, first and last
+    allowed y: the level's cells, cut to a prior's box).
+Outputs: logp float32 [W] (path log-probabilities, best first; -inf marks no path), x, y int64
+[W] (terminal cells), paths int64 [W, steps] (actions from the root), start int64 [W] (the
+start path each came from). The W best paths are chosen over all start paths together (beam
+search); greedy search over several roots keeps one path per root and is not a graph.
+"""
+
+import torch
+
+from geozoom_ros.model.decoder import rope_tables, TYPE_GROUND
+
+
+def cached_blocks(dec, x, length, past_k=None, past_v=None):
+    """Run the blocks over new tokens ``x`` [B, n, D] ending at position ``length - 1``.
+
+    ``past_k`` / ``past_v`` [layers, B, heads, length - n, D / heads] are the earlier
+    tokens' keys and values (None when there are none). Returns ``(x, keys, values)`` with
+    the keys and values of all ``length`` tokens.
+    """
+    new, heads = x.shape[1], dec.heads
+    dh = dec.dim // heads
+    cos, sin = rope_tables(length, dh, x.device, x.dtype)
+    cos_i = cos[length - new:].repeat_interleave(2, dim=-1)
+    sin_i = sin[length - new:].repeat_interleave(2, dim=-1)
+    rot = torch.zeros(dh, dh, dtype=x.dtype)
+    idx = torch.arange(0, dh, 2)
+    rot[idx + 1, idx] = -1.0  # out[2i] = -x[2i + 1]
+    rot[idx, idx + 1] = 1.0   # out[2i + 1] = x[2i]
+    mask = torch.ones(new, length, dtype=torch.bool).tril(diagonal=length - new)
+    keys, values = [], []
+    for i, blk in enumerate(dec.blocks):
+        b, n, dim = x.shape
+        q, k, v = blk.attn.qkv(blk.norm1(x)).view(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4)
+        q = q * cos_i + (q @ rot) * sin_i
+        k = k * cos_i + (k @ rot) * sin_i
+        if past_k is not None:
+            k = torch.cat((past_k[i], k), dim=2)
+            v = torch.cat((past_v[i], v), dim=2)
+        keys.append(k)
+        values.append(v)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        x = x + blk.attn.proj(y.transpose(1, 2).reshape(b, n, dim))
+        x = x + blk.mlp(blk.norm2(x))
+    return x, torch.stack(keys), torch.stack(values)
+
+
+def _first_tokens(dec, g, sat_0):
+    """The tokens of step 0: the ground token and the root view, [B, 2, D]."""
+    first = dec.in_norm(g) + dec.type_embed.weight[TYPE_GROUND]
+    return torch.stack((first, dec.view_token(sat_0)), dim=1)
+
+
+def _step_tokens(dec, sat_t, action):
+    """The new tokens of a later step: ``s_t + a_{t-1}`` (fused) or ``a_{t-1}, s_t``."""
+    if dec.fused:
+        return dec.view_token(sat_t, action)[:, None]
+    return torch.stack((dec.action_token(action), dec.view_token(sat_t)), dim=1)
+
+
+class KVStep(torch.nn.Module):
+    """Decoder step ``t`` with a key/value cache.
+
+    Step 0 takes ``(g, sat)``; a later step ``(sat, action, past_k, past_v)``. Returns the
+    step output and the keys/values of all tokens so far.
+    """
+
+    def __init__(self, model, t):
+        super().__init__()
+        self.m, self.t = model, t
+
+    def forward(self, *inputs):
+        dec, t = self.m.decoder, self.t
+        if t == 0:
+            x, past = _first_tokens(dec, *inputs), (None, None)
+        else:
+            sat_t, action, past_k, past_v = inputs
+            x, past = _step_tokens(dec, sat_t, action), (past_k, past_v)
+        x, keys, values = cached_blocks(dec, x, dec.tokens_through(t), *past)
+        return dec.readout(dec.norm(x[:, x.shape[1] - 1])), keys, values
+
+
+class SearchGraph(torch.nn.Module):
+    """A zoom search of width ``width`` from a start cell at level ``t`` (module docstring).
+
+    Masked children (outside the allowed rectangle of their level or without imagery) never
+    enter the softmax; a path whose children are all masked dies (log-probability -inf).
+    Ties between equal path probabilities go to the lower (parent, child) index, as in the
+    Python search. Linear action heads only.
+    """
+
+    def __init__(self, model, t, width):
+        super().__init__()
+        self.m, self.t, self.width = model, t, width
+        self.k = model.config.grid_k
+        self.steps = model.config.steps
+
+    def forward(self, g, sat, *rest):
+        if self.t > 0:
+            actions, start, tokens, usable, geom = rest
+        else:
+            start, tokens, usable, geom = rest
+            actions = torch.zeros((sat.shape[0], 0), dtype=torch.long)
+        dec, k, kk = self.m.decoder, self.k, self.k * self.k
+        x = _first_tokens(dec, g.expand(sat.shape[0], -1), sat[:, 0])
+        x, keys, values = cached_blocks(dec, x, dec.tokens_through(0))
+        for s in range(1, self.t + 1):
+            x = _step_tokens(dec, sat[:, s], actions[:, s - 1])
+            x, keys, values = cached_blocks(dec, x, dec.tokens_through(s), keys, values)
+        ar = torch.arange(kk)
+        rr, cc = ar // k, ar % k
+        xs, ys = start[:, 0], start[:, 1]
+        logp = torch.zeros(start.shape[0])
+        origin = torch.arange(start.shape[0])
+        paths = actions
+        for i, lv in enumerate(range(self.t, self.steps)):
+            logits = dec.readout(dec.norm(x[:, x.shape[1] - 1]))
+            cx = xs[:, None] * k + cc
+            cy = ys[:, None] * k + rr
+            x0, y0, nx, tok_off, use_off, ax0, ax1, ay0, ay1 = (geom[i, j] for j in range(9))
+            valid = (cx >= ax0) & (cx <= ax1) & (cy >= ay0) & (cy <= ay1)
+            local = torch.where(valid, (cy - y0) * nx + (cx - x0), torch.zeros_like(cx))
+            if lv + 1 < self.steps:
+                valid = valid & usable[use_off + local]
+            neg = torch.full_like(logits, float('-inf'))
+            lsm = torch.log_softmax(torch.where(valid, logits, neg), dim=1)
+            cand = torch.where(valid, logp[:, None] + lsm, neg).reshape(1, -1)
+            # At least one start path of k*k children: the width is a constant of the graph.
+            logp, pick = torch.topk(cand, min(self.width, kk), dim=1)
+            logp, pick = logp[0], pick[0]
+            parent, act = pick // kk, pick % kk
+            origin = origin[parent]
+            xs, ys = cx.reshape(-1)[pick], cy.reshape(-1)[pick]
+            paths = torch.cat((paths[parent], act[:, None]), dim=1)
+            if lv + 1 < self.steps:
+                rows = local.reshape(-1)[pick] + tok_off
+                view = tokens[rows].float()
+                x = _step_tokens(dec, view, act)
+                x, keys, values = cached_blocks(dec, x, dec.tokens_through(lv + 1),
+                                                keys[:, parent], values[:, parent])
+        return logp, xs, ys, paths, origin
