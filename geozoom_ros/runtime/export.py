@@ -49,7 +49,8 @@ from geozoom_ros.fileio import atomic_write, atomic_write_json
 
 MANIFEST = 'manifest.json'
 FORMAT = 'geozoom-onnx'
-FORMAT_VERSION = 3  # 2: lean rotary embedding in the key/value steps; 3: search graphs
+FORMAT_VERSION = 4  # 2: lean rotary embedding in the key/value steps; 3: search graphs;
+# 4: fewer operators per decoder block (stacked rotation, additive causal mask)
 OPSET = 17
 DECODERS = ('kv', 'per-step', 'full')
 

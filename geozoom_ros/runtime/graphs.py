@@ -34,35 +34,44 @@ from geozoom_ros.model.decoder import rope_tables, TYPE_GROUND
 def cached_blocks(dec, x, length, past_k=None, past_v=None):
     """Run the blocks over new tokens ``x`` [B, n, D] ending at position ``length - 1``.
 
-    ``past_k`` / ``past_v`` [layers, B, heads, length - n, D / heads] are the earlier
-    tokens' keys and values (None when there are none). Returns ``(x, keys, values)`` with
-    the keys and values of all ``length`` tokens.
+    ``past_k`` / ``past_v``: per layer, the earlier tokens' keys and values [B, heads,
+    length - n, D / heads] (None when there are none). Returns ``(x, keys, values)``, the
+    lists of every layer's keys and values of all ``length`` tokens.
     """
     new, heads = x.shape[1], dec.heads
     dh = dec.dim // heads
     cos, sin = rope_tables(length, dh, x.device, x.dtype)
     cos_i = cos[length - new:].repeat_interleave(2, dim=-1)
     sin_i = sin[length - new:].repeat_interleave(2, dim=-1)
+    # q, k and v stay stacked [3, B, heads, n, dh]; the tables rotate q and k and leave v
+    # (C = 1, S = 0): one rotation for all three.
+    c = torch.stack((cos_i, cos_i, torch.ones_like(cos_i)))[:, None, None]
+    s = torch.stack((sin_i, sin_i, torch.zeros_like(sin_i)))[:, None, None]
     rot = torch.zeros(dh, dh, dtype=x.dtype)
     idx = torch.arange(0, dh, 2)
     rot[idx + 1, idx] = -1.0  # out[2i] = -x[2i + 1]
     rot[idx, idx + 1] = 1.0   # out[2i + 1] = x[2i]
-    mask = torch.ones(new, length, dtype=torch.bool).tril(diagonal=length - new)
+    # Causal mask as an additive constant (large, finite and negative); a single new token
+    # sees every cached one and needs none.
+    bias = None
+    if new > 1:
+        allowed = torch.ones(new, length, dtype=torch.bool).tril(diagonal=length - new)
+        bias = torch.zeros(new, length, dtype=x.dtype).masked_fill(~allowed, -1e9)
     keys, values = [], []
     for i, blk in enumerate(dec.blocks):
         b, n, dim = x.shape
-        q, k, v = blk.attn.qkv(blk.norm1(x)).view(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4)
-        q = q * cos_i + (q @ rot) * sin_i
-        k = k * cos_i + (k @ rot) * sin_i
+        qkv = blk.attn.qkv(blk.norm1(x)).view(b, n, 3, heads, dh).permute(2, 0, 3, 1, 4)
+        qkv = qkv * c + (qkv @ rot) * s
+        q, k, v = qkv.unbind(0)
         if past_k is not None:
             k = torch.cat((past_k[i], k), dim=2)
             v = torch.cat((past_v[i], v), dim=2)
         keys.append(k)
         values.append(v)
-        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        y = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=bias)
         x = x + blk.attn.proj(y.transpose(1, 2).reshape(b, n, dim))
         x = x + blk.mlp(blk.norm2(x))
-    return x, torch.stack(keys), torch.stack(values)
+    return x, keys, values
 
 
 def _first_tokens(dec, g, sat_0):
@@ -95,9 +104,10 @@ class KVStep(torch.nn.Module):
             x, past = _first_tokens(dec, *inputs), (None, None)
         else:
             sat_t, action, past_k, past_v = inputs
-            x, past = _step_tokens(dec, sat_t, action), (past_k, past_v)
+            x, past = _step_tokens(dec, sat_t, action), (past_k.unbind(0), past_v.unbind(0))
         x, keys, values = cached_blocks(dec, x, dec.tokens_through(t), *past)
-        return dec.readout(dec.norm(x[:, x.shape[1] - 1])), keys, values
+        return dec.readout(dec.norm(x[:, x.shape[1] - 1])), torch.stack(keys), \
+            torch.stack(values)
 
 
 class SearchGraph(torch.nn.Module):
@@ -128,20 +138,22 @@ class SearchGraph(torch.nn.Module):
             x = _step_tokens(dec, sat[:, s], actions[:, s - 1])
             x, keys, values = cached_blocks(dec, x, dec.tokens_through(s), keys, values)
         ar = torch.arange(kk)
-        rr, cc = ar // k, ar % k
-        xs, ys = start[:, 0], start[:, 1]
+        offsets = torch.stack((ar % k, ar // k), dim=1)  # child (dx, dy), row-major
+        xy = start
         logp = torch.zeros(start.shape[0])
         origin = torch.arange(start.shape[0])
         paths = actions
         for i, lv in enumerate(range(self.t, self.steps)):
-            logits = dec.readout(dec.norm(x[:, x.shape[1] - 1]))
-            cx = xs[:, None] * k + cc
-            cy = ys[:, None] * k + rr
-            x0, y0, nx, tok_off, use_off, ax0, ax1, ay0, ay1 = (geom[i, j] for j in range(9))
-            valid = (cx >= ax0) & (cx <= ax1) & (cy >= ay0) & (cy <= ay1)
-            local = torch.where(valid, (cy - y0) * nx + (cx - x0), torch.zeros_like(cx))
+            last = x.squeeze(1) if x.shape[1] == 1 else x[:, x.shape[1] - 1]
+            logits = dec.readout(dec.norm(last))
+            cxy = xy[:, None] * k + offsets  # [B, k*k, 2]
+            row = geom[i]
+            lo, hi = row[5:9:2], row[6:9:2]
+            valid = torch.minimum(cxy - lo, hi - cxy).amin(dim=-1) >= 0
+            local = ((cxy - row[0:2]) * torch.stack((torch.ones_like(row[2]), row[2]))).sum(-1)
+            local = local * valid  # 0 for cells outside (a safe index)
             if lv + 1 < self.steps:
-                valid = valid & usable[use_off + local]
+                valid = valid & usable[local + row[4]]
             neg = torch.full_like(logits, float('-inf'))
             lsm = torch.log_softmax(torch.where(valid, logits, neg), dim=1)
             cand = torch.where(valid, logp[:, None] + lsm, neg).reshape(1, -1)
@@ -150,12 +162,12 @@ class SearchGraph(torch.nn.Module):
             logp, pick = logp[0], pick[0]
             parent, act = pick // kk, pick % kk
             origin = origin[parent]
-            xs, ys = cx.reshape(-1)[pick], cy.reshape(-1)[pick]
+            xy = cxy.reshape(-1, 2)[pick]
             paths = torch.cat((paths[parent], act[:, None]), dim=1)
             if lv + 1 < self.steps:
-                rows = local.reshape(-1)[pick] + tok_off
-                view = tokens[rows].float()
+                view = tokens[local.reshape(-1)[pick] + row[3]].float()
                 x = _step_tokens(dec, view, act)
                 x, keys, values = cached_blocks(dec, x, dec.tokens_through(lv + 1),
-                                                keys[:, parent], values[:, parent])
-        return logp, xs, ys, paths, origin
+                                                [kk_[parent] for kk_ in keys],
+                                                [vv[parent] for vv in values])
+        return logp, xy[:, 0], xy[:, 1], paths, origin
