@@ -107,9 +107,7 @@ class RootShortlist:
 
     def root_scores(self, g):
         """Return ``[num_roots]`` scores (best cosine of a root's cells; -inf: no imagery)."""
-        # einsum runs on this thread: a multi-threaded BLAS call for a product this small
-        # spends longer waking its threads (and fighting the backend's) than computing.
-        sims = np.einsum('nd,d->n', self.embeddings, self.query(g))
+        sims = self.embeddings @ self.query(g)
         scores = np.full(self.num_roots, -np.inf, np.float32)
         np.maximum.at(scores, self.root_ids, sims)
         return scores

@@ -6,10 +6,11 @@ Three parts, measured in one run (ratios are what to read on a noisy machine):
    onnxruntime, tensorrt): p50/p95 of the encoder, the beam search (width 8) and the total, in
    milliseconds, and the ratio search / encoder. Resident memory growth over the frames and
    tracemalloc's Python allocations per frame after warm-up (onnxruntime backend).
-2. Scaling with map area (1, 100, 10 000 km2 by default): zoom beam search on in-memory bundles
-   whose tokens are synthetic (drawn from a fixed pool: the search's cost does not depend on
-   token values), once over every root and once with the root shortlist (the model's
-   cross-view embedding ranks the roots, the best ``max_roots`` are searched; see
+2. Scaling with map area (1, 100, 10 000 km2 by default): zoom beam search on bundles whose
+   tokens are synthetic (a fixed pool's rows, then zeros, in a memory-mapped file as a real
+   bundle's: the search's cost does not depend on token values), once over every root and
+   once with the root shortlist (the model's cross-view embedding ranks the roots, the best
+   ``max_roots`` are searched; see
    ``geozoom_ros.shortlist``), brute-force retrieval (numpy inner products) and FAISS (exact
    flat index and an IVF index) over a synthetic gallery of one 64-float embedding per zoom
    ``root + 3 j`` cell (about 100 m at mid-latitudes, the retrieval baseline's crop).
@@ -19,8 +20,9 @@ Three parts, measured in one run (ratios are what to read on a noisy machine):
    km2 of the retrieval gallery (held in RAM, fully written: its size). Brute force uses
    ``np.einsum`` (single-threaded) and FAISS one OpenMP thread.
 
-Without ``--model`` the benchmark builds, in a temporary folder, a small real map (GeoTIFF ->
-MBTiles) and an untrained policy with the CPU recipe's sizes (``config/train/cpu.yaml``:
+Without ``--model`` the command measures the shipped model on a small real map (GeoTIFF ->
+MBTiles, 400 m) built in a temporary folder; :func:`run_bench` without a model builds an
+untrained policy with the CPU recipe's sizes (``config/train/cpu.yaml``:
 EfficientNet-Lite0, ground 128x96, views 96, embed 256, 4 decoder layers, 4 steps of a 4x4
 grid from zoom 12) and its bundle: the per-frame cost is the real one whether or not the
 weights are trained.
@@ -46,7 +48,8 @@ def register(bench_sub):
     p = bench_sub.add_parser('runtime', help='per-frame latency by backend, scaling with map '
                                              'area, bundle size and memory')
     p.add_argument('--model', default=None,
-                   help='zoom policy folder (default: an untrained CPU-recipe policy)')
+                   help='zoom policy folder (default: the shipped model, on a 400 m synthetic '
+                        'map unless --bundle is given)')
     p.add_argument('--bundle', default=None,
                    help='map bundle of --model (default: built over a small synthetic map)')
     p.add_argument('--frames', type=int, default=100, help='timed frames per backend (100)')
@@ -235,8 +238,14 @@ def square_bounds(area_km2, lat=47.37, lon=8.54):
     return (lon - dlon, lat - dlat, lon + dlon, lat + dlat)
 
 
-def synthetic_bundle(area_km2, config, model_hash):
-    """Return an in-memory Bundle over a square map of ``area_km2`` with synthetic tokens."""
+def synthetic_bundle(area_km2, config, model_hash, folder=None):
+    """Return a Bundle over a square map of ``area_km2`` with synthetic tokens.
+
+    Without ``folder`` the tokens are drawn from a small pool in memory
+    (:class:`SyntheticTokens`). With one they are a float16 memory map in that folder, as a
+    loaded bundle's are (what the whole-search graphs need): the pool's rows first, zeros
+    after (a sparse file: nothing is written or read that the search does not touch).
+    """
     from geozoom_ros.bundle import Bundle, make_levels
 
     bounds = square_bounds(area_km2)
@@ -248,6 +257,12 @@ def synthetic_bundle(area_km2, config, model_hash):
                           for x, y in zip(*levels[0].cell_arrays())],
                 'map': {'bounds': list(bounds)}, 'model': {'hash': model_hash}}
     tokens = SyntheticTokens(count, config.embed_dim)
+    if folder is not None:
+        pool = tokens.pool
+        tokens = np.lib.format.open_memmap(Path(folder) / f'tokens-{area_km2:g}km2.npy',
+                                           mode='w+', dtype=np.float16,
+                                           shape=(count, config.embed_dim))
+        tokens[:len(pool)] = pool[:count]
     keys = None
     if getattr(config, 'action_head', 'linear') == 'match':
         keys = SyntheticTokens(sum(lv.count for lv in levels), config.step_dim, seed=1)
@@ -267,8 +282,11 @@ def _time(fn, repeats, min_s=0.0):
     return _pct(times)
 
 
-def scaling(backend, areas, beam=8, repeats=10, seed=0, max_roots=4):
-    """Return the scaling figures (see the module docstring) for map areas in km2."""
+def scaling(backend, areas, beam=8, repeats=10, seed=0, max_roots=4, folder=None):
+    """Return the scaling figures (see the module docstring) for map areas in km2.
+
+    With ``folder`` the synthetic bundles' tokens are memory maps there (as a real bundle's).
+    """
     import faiss
 
     from geozoom_ros.search import beam as beam_search
@@ -280,7 +298,7 @@ def scaling(backend, areas, beam=8, repeats=10, seed=0, max_roots=4):
     g = rng.standard_normal(cfg.embed_dim).astype(np.float32)
     rows = []
     for area in areas:
-        bundle, levels = synthetic_bundle(area, cfg, backend.model_hash)
+        bundle, levels = synthetic_bundle(area, cfg, backend.model_hash, folder)
         token_count = len(bundle.tokens)
         zoom = _time(lambda: beam_search(backend, bundle, g, width=beam), repeats)
         t0 = time.perf_counter()
@@ -362,7 +380,7 @@ def run_bench(model=None, bundle=None, frames=100, warmup=5, areas=(1, 100, 1000
         out['compute'] = compute_cost(model, beam)
         out['scaling_backend'] = chosen.backend.name
         out['scaling'] = scaling(chosen.backend, [float(a) for a in areas], beam,
-                                 scaling_repeats)
+                                 scaling_repeats, folder=folder)
         out['rss_bytes'] = _rss()
         out['rss_growth_from_start_bytes'] = out['rss_bytes'] - rss_start
     return out
@@ -415,7 +433,11 @@ def _run(args):
         raise InputError(f'--areas {args.areas!r}: areas must be positive km2 values')
     if args.frames < 1 or args.warmup < 0:
         raise InputError('--frames must be >= 1 and --warmup >= 0')
-    res = run_bench(args.model, args.bundle, args.frames, args.warmup, areas, args.threads,
+    model = args.model
+    if model is None and args.bundle is None:
+        from geozoom_ros.demo import SHIPPED_MODEL
+        model = SHIPPED_MODEL
+    res = run_bench(model, args.bundle, args.frames, args.warmup, areas, args.threads,
                     args.beam, tuple(b for b in args.backends.split(',') if b))
     if args.json:
         print(json.dumps(res, indent=2, sort_keys=True))

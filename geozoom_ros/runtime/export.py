@@ -18,7 +18,8 @@ Files written into the export folder (default ``<model>/onnx/``)::
                      W (B and 1) from one start cell at level t, in one graph; inputs and
                      outputs in :mod:`geozoom_ros.runtime.graphs`. The map's arrays
                      (tokens, usable) are its only inputs without a static shape.
-                     ``search_0_w<W>_roots.onnx``: the same from any number of roots.
+                     ``search_0_w<W>_roots.onnx``: the same from up to ROOT_ROWS (4)
+                     roots, padded.
     step_<t>.onnx    (decoder='per-step') one stateless step per t: g [B, D],
                      sat [B, t + 1, D] (+ actions int64 [B, t] for t > 0) -> logits [B, k * k]
     decoder_full.onnx  (decoder='full') the fixed-length decoder: g [B, D],
@@ -27,8 +28,8 @@ Files written into the export folder (default ``<model>/onnx/``)::
                      cannot change row t and no mask is needed.
     manifest.json    model hash, opset, shapes and files (written last, atomically)
 
-Every graph except the search graphs' map inputs and roots has static shapes (what TensorRT
-compiles best) and is checked with ``onnx.checker``. Smaller batches are padded to B; larger
+Every graph except the search graphs' map inputs has static shapes (what TensorRT compiles
+best) and is checked with ``onnx.checker``. Smaller batches are padded to B; larger
 ones run in chunks of B.
 
 Which decoder: measured with onnxruntime on the 2-core CPU, one thread, the CPU recipe's
@@ -53,6 +54,9 @@ FORMAT_VERSION = 4  # 2: lean rotary embedding in the key/value steps; 3: search
 # 4: fewer operators per decoder block (stacked rotation, additive causal mask)
 OPSET = 17
 DECODERS = ('kv', 'per-step', 'full')
+#: Root rows of the padded roots search graphs: the default shortlist (``max_roots``) of the
+#: localizer and the node. Searches over more roots run step by step.
+ROOT_ROWS = 4
 
 
 def model_dir(model_path):
@@ -141,30 +145,34 @@ def _search_jobs(model, beam):
     d, k, steps = cfg.embed_dim, cfg.grid_k, cfg.steps
     jobs = []
     for width in sorted({int(beam), 1}):
-        # One start path at every level (a root, or a prior's start cell), and any number of
-        # roots at level 0; a fixed R = 1 keeps the graph free of shape arithmetic.
-        for t, starts in [(t, 1) for t in range(steps)] + [(0, None)]:
+        # One start path at every level (a root, or a prior's start cell), and up to
+        # ROOT_ROWS roots at level 0 (padded): static shapes keep the graph free of shape
+        # arithmetic.
+        for t, roots in [(t, False) for t in range(steps)] + [(0, True)]:
             # An example map: the start cell's descendants, every view with imagery.
             rows, offset = [], 0
             for lv in range(t, steps):
                 side = k ** (lv + 1 - t)
                 rows.append([0, 0, side, offset, offset, 0, side - 1, 0, side - 1])
                 offset += side * side if lv + 1 < steps else 0
-            r = starts or 2
+            r = ROOT_ROWS if roots else 1
             args = [torch.zeros(1, d), torch.zeros(r, t + 1, d)]
             names = ['g', 'sat']
-            dynamic = {'tokens': {0: 'rows'}, 'usable': {0: 'cells'}}
-            if starts is None:
-                dynamic.update({'sat': {0: 'starts'}, 'start': {0: 'starts'}})
             if t > 0:
                 args.append(torch.zeros(r, t, dtype=torch.long))
                 names.append('actions')
-            args += [torch.zeros(r, 2, dtype=torch.long), torch.zeros(max(offset, 1), d).half(),
+            args.append(torch.zeros(r, 2, dtype=torch.long))
+            names.append('start')
+            if roots:
+                args.append(torch.zeros(r))
+                names.append('logp0')
+            args += [torch.zeros(max(offset, 1), d).half(),
                      torch.ones(max(offset, 1), dtype=torch.bool), torch.tensor(rows)]
-            names += ['start', 'tokens', 'usable', 'geom']
-            name = f'search_{t}_w{width}' + ('' if starts else '_roots')
-            jobs.append((name, SearchGraph(model, t, width), tuple(args), names,
-                         ['logp', 'x', 'y', 'paths', 'origin'], dynamic))
+            names += ['tokens', 'usable', 'geom']
+            name = f'search_{t}_w{width}' + ('_roots' if roots else '')
+            jobs.append((name, SearchGraph(model, t, width, roots), tuple(args), names,
+                         ['logp', 'x', 'y', 'paths', 'origin'],
+                         {'tokens': {0: 'rows'}, 'usable': {0: 'cells'}}))
     return jobs
 
 

@@ -11,17 +11,18 @@
   tokens and caches. The search in Python calls it once per frame instead of once per step,
   which removes the per-step calls and the numpy work between them.
 
-Inputs of a search graph (static shapes except R and the map's arrays):
+Inputs of a search graph (static shapes except the map's arrays):
     g float32 [1, D]; sat float32 [R, t + 1, D] (for each of R start paths, its views from
-    the root to its start cell: R roots at t = 0, one cell below them with a prior);
-    actions int64 [R, t] (the actions from the root; absent when t = 0); start int64 [R, 2]
-    (x, y of the start cells at level t); tokens float16 [N, D] (the bundle's view tokens);
-    usable bool [M] (which cells of each token level hold imagery, levels one after another);
-    geom int64 [steps - t, 9], one row per child level t + 1 .. steps: (x0, y0, nx of the
-    level's grid, token row offset, usable offset, first and last allowed x, first and last
-    allowed y: the level's cells, cut to a prior's box).
+    the root to its start cell: R = 1, a root or a prior's start cell below it; or R = 4
+    roots at t = 0, padded); actions int64 [R, t] (the actions from the root; absent when
+    t = 0); start int64 [R, 2] (x, y of the start cells at level t); logp0 float32 [R] (the
+    roots graph only: 0 for a root, -inf for padding); tokens float16 [N, D] (the bundle's
+    view tokens); usable bool [M] (which cells of each token level hold imagery, levels one
+    after another); geom int64 [steps - t, 9], one row per child level t + 1 .. steps: (x0,
+    y0, nx of the level's grid, token row offset, usable offset, first and last allowed x,
+    first and last allowed y: the level's cells, cut to a prior's box).
 Outputs: logp float32 [W] (path log-probabilities, best first; -inf marks no path), x, y int64
-[W] (terminal cells), paths int64 [W, steps] (actions from the root), start int64 [W] (the
+[W] (terminal cells), paths int64 [W, steps] (actions from the root), origin int64 [W] (the
 start path each came from). The W best paths are chosen over all start paths together (beam
 search); greedy search over several roots keeps one path per root and is not a graph.
 """
@@ -119,14 +120,18 @@ class SearchGraph(torch.nn.Module):
     Python search. Linear action heads only.
     """
 
-    def __init__(self, model, t, width):
+    def __init__(self, model, t, width, roots=False):
         super().__init__()
-        self.m, self.t, self.width = model, t, width
+        self.m, self.t, self.width, self.roots = model, t, width, roots
         self.k = model.config.grid_k
         self.steps = model.config.steps
 
     def forward(self, g, sat, *rest):
-        if self.t > 0:
+        logp = torch.zeros(sat.shape[0])
+        if self.roots:
+            start, logp, tokens, usable, geom = rest
+            actions = torch.zeros((sat.shape[0], 0), dtype=torch.long)
+        elif self.t > 0:
             actions, start, tokens, usable, geom = rest
         else:
             start, tokens, usable, geom = rest
@@ -140,7 +145,6 @@ class SearchGraph(torch.nn.Module):
         ar = torch.arange(kk)
         offsets = torch.stack((ar % k, ar // k), dim=1)  # child (dx, dy), row-major
         xy = start
-        logp = torch.zeros(start.shape[0])
         origin = torch.arange(start.shape[0])
         paths = actions
         for i, lv in enumerate(range(self.t, self.steps)):

@@ -206,7 +206,8 @@ class OnnxBackend(PolicyBackend):
         """Return a function running a whole zoom search in one graph, or None.
 
         There are graphs for searches of the exported beam width and greedy ones (width 1),
-        from one start cell at any level or from ``starts`` > 1 roots, for linear action heads
+        from one start cell at any level or from up to ``export.ROOT_ROWS`` roots
+        (``starts``), for linear action heads
         (:mod:`geozoom_ros.runtime.graphs`). The function takes ``(g [1, D], sat
         [R, level + 1, D], actions [R, level], start [R, 2], tokens, usable, geom)`` and
         returns ``(logp, x, y, paths, origin)``; :mod:`geozoom_ros.search` builds the
@@ -217,7 +218,8 @@ class OnnxBackend(PolicyBackend):
             path = self.manifest['files'].get(name)
             sess = None if path is None else self._session(name)
             self._search[name] = None if sess is None else _search_runner(sess, level)
-        return self._search[name]
+        run = self._search[name]
+        return run if run is not None and starts <= run.rows else None
 
     @staticmethod
     def _row_keys(g, sat, actions, t):
@@ -294,17 +296,33 @@ class OnnxBackend(PolicyBackend):
 
 def _search_runner(sess, level):
     names = ['logp', 'x', 'y', 'paths', 'origin']
-    # A graph that starts at the last token level never reads tokens or masks: the export
-    # drops inputs nothing uses.
-    inputs = {i.name for i in sess.get_inputs()}
+    shapes = {i.name: i.shape for i in sess.get_inputs()}
+    # The roots graph takes a fixed number of start rows: fewer roots are padded with rows
+    # whose log-probability is -inf (they never survive).
+    rows = int(shapes['sat'][0])
+    padded = 'logp0' in shapes
 
     def run(g, sat, actions, start, tokens, usable, geom):
-        feeds = {'g': np.ascontiguousarray(g, np.float32),
-                 'sat': np.ascontiguousarray(sat, np.float32), 'start': start,
-                 'tokens': tokens, 'usable': usable, 'geom': geom}
+        n = len(sat)
+        feeds = {'g': np.ascontiguousarray(g, np.float32), 'sat': np.asarray(sat, np.float32),
+                 'start': np.asarray(start, np.int64), 'tokens': tokens, 'usable': usable,
+                 'geom': geom}
         if level > 0:
-            feeds['actions'] = np.ascontiguousarray(actions, np.int64)
-        return sess.run(names, {k: v for k, v in feeds.items() if k in inputs})
+            feeds['actions'] = np.asarray(actions, np.int64)
+        if padded:
+            logp0 = np.full(rows, -np.inf, np.float32)
+            logp0[:n] = 0.0
+            feeds['logp0'] = logp0
+            feeds['sat'] = np.concatenate([feeds['sat'], np.zeros((rows - n,) +
+                                                                  feeds['sat'].shape[1:],
+                                                                  np.float32)])
+            feeds['start'] = np.concatenate([feeds['start'],
+                                             np.repeat(feeds['start'][:1], rows - n, axis=0)])
+        # A graph that starts at the last token level never reads tokens or masks: the
+        # export drops inputs nothing uses.
+        return sess.run(names, {k: np.ascontiguousarray(v) if k in ('sat', 'start') else v
+                                for k, v in feeds.items() if k in shapes})
+    run.rows = rows
     return run
 
 

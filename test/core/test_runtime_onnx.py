@@ -103,10 +103,8 @@ def test_export_writes_checked_static_graphs(plain, tmp_path):
         path = plain['model'] / 'onnx' / fname
         onnx.checker.check_model(str(path))
         graph = onnx.load(str(path)).graph
-        # Static shapes, except the search graphs' start paths (R) and map arrays.
+        # Static shapes, except the search graphs' map arrays.
         dynamic = {'tokens': [0], 'usable': [0]} if name.startswith('search_') else {}
-        if name.endswith('_roots'):
-            dynamic.update({'sat': [0], 'start': [0]})
         for tensor in list(graph.input) + list(graph.output):
             dims = [d.dim_value for d in tensor.type.tensor_type.shape.dim]
             fixed = [v for i, v in enumerate(dims) if i not in dynamic.get(tensor.name, [])]
