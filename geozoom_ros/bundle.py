@@ -217,6 +217,9 @@ class Bundle:
         self.retrieval_heading = None
         self._zoom_to_level = {lv.zoom: lv for lv in self.levels}
         self._imagery = {}
+        #: Arrays derived from the bundle by its users, computed once (e.g. the search
+        #: graphs' level geometry).
+        self.derived = {}
 
     @property
     def terminal(self):

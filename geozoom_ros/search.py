@@ -336,14 +336,16 @@ def _allowed_range(lo, hi, z, axis, box):
     return (int(hit[0]), int(hit[-1])) if hit.size else (lo, lo - 1)
 
 
-def _graph_levels(run, bundle, g, sat, actions, xs, ys, level, box):
-    """Decode with a backend's whole-search graph: one call per frame.
+def _level_geometry(bundle, level, box):
+    """Return the search graphs' ``geom`` rows for the child levels below ``level``.
 
-    The start cells (``xs``, ``ys`` at ``level``) share one beam, as in :func:`_decode_levels`
-    without ``per_root``; same selection, float32 instead of float64 scores. Returns its
-    tuple, or False when every child is masked.
+    One row per level: its grid origin and width, token and imagery-mask offsets, and the
+    allowed cell ranges (the level's cells, cut to ``box``). Cached per bundle without a box.
     """
-    usable, use_offset = bundle.imagery_table()
+    cache = bundle.derived.setdefault('graph_geometry', {})
+    if box is None and level in cache:
+        return cache[level]
+    _, use_offset = bundle.imagery_table()
     geom = np.empty((bundle.steps - level, 9), np.int64)
     for i, lv in enumerate(range(level, bundle.steps)):
         nxt = bundle.levels[lv + 1]
@@ -351,6 +353,20 @@ def _graph_levels(run, bundle, g, sat, actions, xs, ys, level, box):
         yr = _allowed_range(nxt.y0, nxt.y0 + nxt.ny - 1, nxt.zoom, 1, box)
         geom[i] = (nxt.x0, nxt.y0, nxt.nx, max(nxt.offset, 0), use_offset.get(lv + 1, 0),
                    *xr, *yr)
+    if box is None:
+        cache[level] = geom
+    return geom
+
+
+def _graph_levels(run, bundle, g, sat, actions, xs, ys, level, box):
+    """Decode with a backend's whole-search graph: one call per frame.
+
+    The start cells (``xs``, ``ys`` at ``level``) share one beam, as in :func:`_decode_levels`
+    without ``per_root``; same selection, float32 instead of float64 scores. Returns its
+    tuple, or False when every child is masked.
+    """
+    usable, _ = bundle.imagery_table()
+    geom = _level_geometry(bundle, level, box)
     logp, cx, cy, paths, origin = run(g.reshape(1, -1), sat, actions,
                                       np.stack([xs, ys], axis=1), _plain(bundle.tokens),
                                       usable, geom)
