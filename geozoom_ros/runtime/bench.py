@@ -347,7 +347,7 @@ def scaling(backend, areas, beam=8, repeats=10, seed=0, max_roots=4, folder=None
 
 
 def run_bench(model=None, bundle=None, frames=100, warmup=5, areas=(1, 100, 10000), threads=1,
-              beam=8, backends=('torch', 'onnxruntime', 'tensorrt'), scaling_repeats=10,
+              beam=8, backends=('torch', 'onnxruntime', 'tensorrt'), scaling_repeats=50,
               folder=None):
     """Run the benchmark; return a dict of measured figures (see the module docstring)."""
     import torch
