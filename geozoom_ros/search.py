@@ -323,9 +323,11 @@ def _decode_levels(backend, bundle, g, sat, actions, xs, ys, root_id, level, wid
 
 
 def _allowed_range(lo, hi, z, axis, box):
-    """Return the first and last cell index along ``axis`` (0: x, 1: y) at zoom ``z`` in
-    ``[lo, hi]`` whose cells overlap ``box`` (None: no box), with the arithmetic of
-    :func:`_overlaps`; ``(lo, lo - 1)`` when none does."""
+    """Return the first and last cell index in ``[lo, hi]`` whose cells overlap ``box``.
+
+    Along ``axis`` (0: x, 1: y) at zoom ``z``, with the arithmetic of :func:`_overlaps`;
+    ``(lo, hi)`` without a box and ``(lo, lo - 1)`` when no cell overlaps it.
+    """
     if box is None:
         return lo, hi
     idx = np.arange(lo, hi + 1)

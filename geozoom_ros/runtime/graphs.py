@@ -76,13 +76,13 @@ def cached_blocks(dec, x, length, past_k=None, past_v=None):
 
 
 def _first_tokens(dec, g, sat_0):
-    """The tokens of step 0: the ground token and the root view, [B, 2, D]."""
+    """Return the tokens of step 0: the ground token and the root view, [B, 2, D]."""
     first = dec.in_norm(g) + dec.type_embed.weight[TYPE_GROUND]
     return torch.stack((first, dec.view_token(sat_0)), dim=1)
 
 
 def _step_tokens(dec, sat_t, action):
-    """The new tokens of a later step: ``s_t + a_{t-1}`` (fused) or ``a_{t-1}, s_t``."""
+    """Return the new tokens of a later step: ``s_t + a_{t-1}`` (fused) or ``a_{t-1}, s_t``."""
     if dec.fused:
         return dec.view_token(sat_t, action)[:, None]
     return torch.stack((dec.action_token(action), dec.view_token(sat_t)), dim=1)
