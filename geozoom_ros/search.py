@@ -448,9 +448,10 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
     probs, xs, ys, root_id, actions = (probs[order], xs[order], ys[order], root_id[order],
                                        actions[order])
     tz = bundle.terminal.zoom
-    hyps = [Hypothesis(Cell(int(x), int(y), tz), float(p), tuple(int(a) for a in path),
-                       roots[int(r)])
-            for x, y, p, path, r in zip(xs, ys, probs, actions, root_id)]
+    # tolist() turns numpy scalars into Python ints and floats in one call per array.
+    hyps = [Hypothesis(Cell(x, y, tz), p, tuple(path), roots[r])
+            for x, y, p, path, r in zip(xs.tolist(), ys.tolist(), probs.tolist(),
+                                        actions.tolist(), root_id.tolist())]
     cov = hypotheses_covariance((xs, ys), tz, probs, best=0)
     mass = float(min(1.0, probs.sum()))
     if residual and mass < 1.0:
