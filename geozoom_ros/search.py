@@ -425,8 +425,9 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
 
     decoded = None
     graph = getattr(backend, 'search_graph', None)
+    # The graphs take the bundle's float16 token array as it is (no copy).
     if graph is not None and not (per_root and len(roots) > 1) \
-            and isinstance(tokens, np.ndarray):
+            and isinstance(tokens, np.ndarray) and tokens.dtype == np.float16:
         run = graph(width, level, len(xs))
         if run is not None:
             decoded = _graph_levels(run, bundle, g, sat, actions, xs, ys, level, box)
