@@ -161,8 +161,8 @@ class SearchGraph(torch.nn.Module):
             neg = torch.full_like(logits, float('-inf'))
             lsm = torch.log_softmax(torch.where(valid, logits, neg), dim=1)
             cand = torch.where(valid, logp[:, None] + lsm, neg).reshape(1, -1)
-            # At least one start path of k*k children: the width is a constant of the graph.
-            logp, pick = torch.topk(cand, min(self.width, kk), dim=1)
+            # The graph's shapes are static, so the number of candidates is a constant here.
+            logp, pick = torch.topk(cand, min(self.width, cand.shape[1]), dim=1)
             logp, pick = logp[0], pick[0]
             parent, act = pick // kk, pick % kk
             origin = origin[parent]
