@@ -425,3 +425,19 @@ def test_decoding_state_keeps_the_cache_and_equals_step_logits(plain, monkeypatc
         # One cached run per step: the prefix at the start, then one per step() call.
         assert calls == list(range(STEPS))
         monkeypatch.undo()
+
+
+def test_search_graph_wider_than_one_step_keeps_every_path(plain, tmp_path, monkeypatch):
+    # Width 32 > 16 children of one start cell: later steps choose 32 of 32 * 16 candidates.
+    ob = OnnxBackend(plain['model'], threads=1, onnx_dir=tmp_path / 'wide', beam=32)
+    bundle = plain['bundle']
+    assert ob.search_graph(32, 0, 2) is not None
+    gs = np.random.default_rng(13).standard_normal((3, D)).astype(np.float32)
+    with_graph = [beam(ob, bundle, g, 32) for g in gs]
+    monkeypatch.setattr(ob, 'search_graph', lambda width, level, starts=1: None)
+    for g, a in zip(gs, with_graph):
+        b = beam(ob, bundle, g, 32)
+        assert len(a.hypotheses) == len(b.hypotheses) == 32
+        assert [h.path for h in a.hypotheses] == [h.path for h in b.hypotheses]
+        np.testing.assert_allclose([h.prob for h in a.hypotheses],
+                                   [h.prob for h in b.hypotheses], atol=1e-5, rtol=0)
