@@ -74,6 +74,21 @@ def _images(n=4):
     return [rng.integers(0, 256, (40 + 13 * i, 70 + 9 * i, 3), dtype=np.uint8) for i in range(n)]
 
 
+def _io_shapes(graph):
+    """Return ``{name: dims}`` of an ONNX graph's inputs and outputs."""
+    return {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
+            for i in list(graph.input) + list(graph.output)}
+
+
+def _prefixes(rng, batches):
+    """Yield random decoder inputs ``(g, sat, actions)`` for each batch size and every step."""
+    for n in batches:
+        for t in range(STEPS):
+            yield (rng.standard_normal((n, D)).astype(np.float32),
+                   rng.standard_normal((n, t + 1, D)).astype(np.float32),
+                   rng.integers(0, K * K, (n, t)))
+
+
 @pytest.fixture(scope='module')
 def plain(tmp_path_factory):
     root = tmp_path_factory.mktemp('rt')
@@ -105,14 +120,12 @@ def test_export_writes_checked_static_graphs(plain, tmp_path):
         graph = onnx.load(str(path)).graph
         # Static shapes, except the search graphs' map arrays.
         dynamic = {'tokens': [0], 'usable': [0]} if name.startswith('search_') else {}
-        for tensor in list(graph.input) + list(graph.output):
-            dims = [d.dim_value for d in tensor.type.tensor_type.shape.dim]
-            fixed = [v for i, v in enumerate(dims) if i not in dynamic.get(tensor.name, [])]
-            assert all(v > 0 for v in fixed), (name, tensor.name, dims)
+        shapes = _io_shapes(graph)
+        for tensor, dims in shapes.items():
+            fixed = [v for i, v in enumerate(dims) if i not in dynamic.get(tensor, [])]
+            assert all(v > 0 for v in fixed), (name, tensor, dims)
         if name.startswith('kv_'):
             t, b = int(name[3]), 1 if name.endswith('_b1') else 8
-            shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
-                      for i in list(graph.input) + list(graph.output)}
             assert shapes['sat'] == [b, D] and shapes['logits'] == [b, K * K]
             assert shapes['keys'] == [2, b, 4, 2 * t + 2, D // 4]
             if t:
@@ -127,18 +140,13 @@ def test_export_writes_checked_static_graphs(plain, tmp_path):
     assert sorted(step.manifest['files']) == ['encoder', 'step_0', 'step_1', 'step_2']
     assert json.loads((tmp_path / 'full' / 'manifest.json').read_text())['files'] == {
         'encoder': 'encoder.onnx', 'decoder_full': 'decoder_full.onnx'}
-    rng = np.random.default_rng(3)
-    for n in (1, 4, 11):
-        for t in range(STEPS):
-            g = rng.standard_normal((n, D)).astype(np.float32)
-            sat = rng.standard_normal((n, t + 1, D)).astype(np.float32)
-            acts = rng.integers(0, K * K, (n, t))
-            ref = plain['torch'].step_logits(g, sat, acts)
-            # The cache misses here (random prefixes): the kv backend recomputes them.
-            for backend in (plain['onnx'], full, step):
-                out = backend.step_logits(g, sat, acts)
-                assert out.shape == (n, K * K)
-                np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
+    for g, sat, acts in _prefixes(np.random.default_rng(3), (1, 4, 11)):
+        ref = plain['torch'].step_logits(g, sat, acts)
+        # The cache misses here (random prefixes): the kv backend recomputes them.
+        for backend in (plain['onnx'], full, step):
+            out = backend.step_logits(g, sat, acts)
+            assert out.shape == (len(g), K * K)
+            np.testing.assert_allclose(out, ref, atol=TOL, rtol=0)
 
 
 def _softmax(x):
@@ -190,20 +198,13 @@ def test_fused_layout_cache_holds_one_token_per_step_and_matches_torch(tmp_path)
     model = _policy(tmp_path / 'model', tokens='fused')
     tb, ob = TorchBackend(model), OnnxBackend(model, threads=1)
     for name in ('kv_1', 'kv_2'):
-        graph = onnx.load(str(model / 'onnx' / ob.manifest['files'][name])).graph
-        shapes = {i.name: [d.dim_value for d in i.type.tensor_type.shape.dim]
-                  for i in list(graph.input) + list(graph.output)}
+        shapes = _io_shapes(onnx.load(str(model / 'onnx' / ob.manifest['files'][name])).graph)
         t = int(name[3])
         assert shapes['past_k'] == [2, 8, 4, t + 1, D // 4]
         assert shapes['keys'] == [2, 8, 4, t + 2, D // 4]
-    rng = np.random.default_rng(4)
-    for n in (1, 8, 11):
-        for t in range(STEPS):
-            g = rng.standard_normal((n, D)).astype(np.float32)
-            sat = rng.standard_normal((n, t + 1, D)).astype(np.float32)
-            acts = rng.integers(0, K * K, (n, t))
-            np.testing.assert_allclose(ob.step_logits(g, sat, acts),
-                                       tb.step_logits(g, sat, acts), atol=TOL, rtol=0)
+    for g, sat, acts in _prefixes(np.random.default_rng(4), (1, 8, 11)):
+        np.testing.assert_allclose(ob.step_logits(g, sat, acts),
+                                   tb.step_logits(g, sat, acts), atol=TOL, rtol=0)
     bundle = _bundle(tmp_path / 'bundle', tb.model_hash)
     _assert_same_search(tb, ob, bundle, np.random.default_rng(6).standard_normal((6, D)))
 
@@ -214,10 +215,7 @@ def test_match_head_parity_through_search_and_keys_decide_the_path(tmp_path):
     assert ob.step_dim == 8 and ob.uses_children
     bundle = _bundle(tmp_path / 'bundle', tb.model_hash, match_dim=8)
     rng = np.random.default_rng(4)
-    for t in range(STEPS):
-        g = rng.standard_normal((3, D)).astype(np.float32)
-        sat = rng.standard_normal((3, t + 1, D)).astype(np.float32)
-        acts = rng.integers(0, K * K, (3, t))
+    for g, sat, acts in _prefixes(rng, (3,)):
         np.testing.assert_allclose(ob.step_logits(g, sat, acts), tb.step_logits(g, sat, acts),
                                    atol=TOL, rtol=0)
     _assert_same_search(tb, ob, bundle, rng.standard_normal((4, D)))
