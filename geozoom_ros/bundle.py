@@ -265,10 +265,7 @@ class Bundle:
         imagery (coverage >= MIN_COVERAGE): the search and the evaluation never pick others.
         Unusable cells get index 0, so the index can address arrays safely.
         """
-        lv = self.levels[level]
-        lx, ly = x - lv.x0, y - lv.y0
-        ok = (lx >= 0) & (lx < lv.nx) & (ly >= 0) & (ly < lv.ny)
-        idx = np.where(ok, ly * lv.nx + lx, 0)
+        idx, ok = self.levels[level].local_index(x, y)
         has = self._has_imagery(level)
         if has is not None:
             ok &= has[idx]

@@ -270,17 +270,17 @@ def _shortlist_roots(roots, bundle, shortlist, g, max_roots):
     return [bundle.roots[i] for i in shortlist.select(g, max_roots, among)] or roots[:1]
 
 
-def _decode_levels(backend, bundle, g, sat, actions, xs, ys, root_id, level, width,
+def _decode_levels(backend, bundle, tokens, g, sat, actions, xs, ys, root_id, level, width,
                    per_root, box):
     """Decode from ``level`` to the terminal level, one batched decoder step per level.
 
-    ``per_root``: keep the ``width`` best paths of every root (else of all roots together).
-    Returns ``(logp, xs, ys, root_id, actions, decoder calls)`` of the surviving terminal
-    paths, best first within each root, or False when every child is masked.
+    ``tokens`` is the bundle's token array; ``per_root``: keep the ``width`` best paths of
+    every root (else of all roots together). Returns ``(logp, xs, ys, root_id, actions,
+    decoder calls)`` of the surviving terminal paths, best first within each root, or None
+    when every child is masked.
     """
     k, steps = bundle.k, bundle.steps
     kk = k * k
-    tokens = _plain(bundle.tokens)
     logp = np.zeros(len(xs))
     ar = np.arange(kk)
     rr, cc = ar // k, ar % k
@@ -309,7 +309,7 @@ def _decode_levels(backend, bundle, g, sat, actions, xs, ys, root_id, level, wid
             keep = np.argsort(-flat, kind='stable')[:width]
         keep = keep[flat[keep] > -np.inf]
         if not keep.size:
-            return False
+            return None
         parent, act = np.divmod(keep, kk)
         logp = flat[keep]
         xs, ys = cx[parent, act], cy[parent, act]
@@ -360,21 +360,20 @@ def _level_geometry(bundle, level, box):
     return geom
 
 
-def _graph_levels(run, bundle, g, sat, actions, xs, ys, level, box):
+def _graph_levels(run, bundle, tokens, g, sat, actions, xs, ys, level, box):
     """Decode with a backend's whole-search graph: one call per frame.
 
     The start cells (``xs``, ``ys`` at ``level``) share one beam, as in :func:`_decode_levels`
     without ``per_root``; same selection, float32 instead of float64 scores. Returns its
-    tuple, or False when every child is masked.
+    tuple, or None when every child is masked.
     """
     usable, _ = bundle.imagery_table()
     geom = _level_geometry(bundle, level, box)
     logp, cx, cy, paths, origin = run(g.reshape(1, -1), sat, actions,
-                                      np.stack([xs, ys], axis=1), _plain(bundle.tokens),
-                                      usable, geom)
+                                      np.stack([xs, ys], axis=1), tokens, usable, geom)
     keep = logp > -np.inf
     if not keep.any():
-        return False
+        return None
     return (logp[keep].astype(np.float64), cx[keep], cy[keep], origin[keep], paths[keep],
             bundle.steps - level)
 
@@ -423,18 +422,19 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
     sat = tokens[root_rows.ravel()].astype(np.float32).reshape(len(xs), root_rows.shape[1], -1)
     start = start_cell if start_cell is not None else (roots[0] if len(roots) == 1 else None)
 
-    decoded = None
+    per_root = per_root and len(roots) > 1
+    run = None
     graph = getattr(backend, 'search_graph', None)
     # The graphs take the bundle's float16 token array as it is (no copy).
-    if graph is not None and not (per_root and len(roots) > 1) \
-            and isinstance(tokens, np.ndarray) and tokens.dtype == np.float16:
+    if graph is not None and not per_root and isinstance(tokens, np.ndarray) \
+            and tokens.dtype == np.float16:
         run = graph(width, level, len(xs))
-        if run is not None:
-            decoded = _graph_levels(run, bundle, g, sat, actions, xs, ys, level, box)
+    if run is not None:
+        decoded = _graph_levels(run, bundle, tokens, g, sat, actions, xs, ys, level, box)
+    else:
+        decoded = _decode_levels(backend, bundle, tokens, g, sat, actions, xs, ys, root_id,
+                                 level, width, per_root, box)
     if decoded is None:
-        decoded = _decode_levels(backend, bundle, g, sat, actions, xs, ys, root_id, level,
-                                 width, per_root and len(roots) > 1, box)
-    if decoded is False:
         return None
     logp, xs, ys, root_id, actions, calls = decoded
 

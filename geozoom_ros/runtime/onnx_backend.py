@@ -278,11 +278,6 @@ class OnnxBackend(PolicyBackend):
         Returns (outputs [n, step_dim], keys, values [layers, n, heads, tokens, D / heads]).
         """
         n = len(sat_t)
-        if n <= self.beam:
-            sess, rows = self._kv_session(t, n)
-            out, keys, values = sess.run(None, self._kv_feeds(t, g, sat_t, action, past_k,
-                                                              past_v, 0, n, rows))
-            return out[:n], keys[:, :n], values[:, :n]
         parts = []
         for lo in range(0, n, self.beam):
             m = min(self.beam, n - lo)
@@ -290,6 +285,8 @@ class OnnxBackend(PolicyBackend):
             out, keys, values = sess.run(None, self._kv_feeds(t, g, sat_t, action, past_k,
                                                               past_v, lo, m, rows))
             parts.append((out[:m], keys[:, :m], values[:, :m]))
+        if len(parts) == 1:  # one batch (a search's steps): its arrays as they are
+            return parts[0]
         return (np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts], 1),
                 np.concatenate([p[2] for p in parts], 1))
 
