@@ -50,9 +50,10 @@ from geozoom_ros.fileio import atomic_write, atomic_write_json
 
 MANIFEST = 'manifest.json'
 FORMAT = 'geozoom-onnx'
-FORMAT_VERSION = 5  # 2: lean rotary embedding in the key/value steps; 3: search graphs;
+FORMAT_VERSION = 6  # 2: lean rotary embedding in the key/value steps; 3: search graphs;
 # 4: fewer operators per decoder block (stacked rotation, additive causal mask); 5: search
-# graphs of widths above k*k keep every path they should
+# graphs of widths above k*k keep every path they should; 6: single-token decoder blocks in the
+# search graphs (rotation folded into the projection)
 OPSET = 17
 DECODERS = ('kv', 'per-step', 'full')
 #: Root rows of the padded roots search graphs: the default shortlist (``max_roots``) of the

@@ -4,6 +4,10 @@
   keys and values of the earlier ones (rotary embedding as ``x * C + (x @ R) * S`` with
   constant tables: four operators instead of the slices, stacks and reshapes of
   ``decoder.apply_rope``, same values).
+- :func:`token_blocks` runs them over one new token per row at a known position (the fused
+  layout's later steps in a search graph): the rotation and the attention scale are folded
+  into the q/k/v projection (:func:`rotated_qkv`), and the token stays 2-D, so a block needs
+  about a quarter fewer operators.
 - :class:`KVStep`: one zoom step with a key/value cache (``kv_<t>.onnx``).
 - :class:`SearchGraph`: a whole zoom search from one start cell in one graph
   (``search_<t>_w<W>.onnx``): every step's decoder pass, the children's masks, the
@@ -75,6 +79,54 @@ def cached_blocks(dec, x, length, past_k=None, past_v=None):
     return x, keys, values
 
 
+def rotated_qkv(dec, position):
+    """Return each block's q/k/v weight [3 D, D] with the rotary embedding of ``position``.
+
+    The rotation of a token at a fixed position is a fixed linear map of its queries and keys,
+    so it folds into the projection: ``x @ W_p.T`` equals the rotated ``x @ W.T`` (values are
+    not rotated). The attention scale 1 / sqrt(D / heads) folds into the query rows.
+    """
+    heads = dec.heads
+    dh = dec.dim // heads
+    cos, sin = rope_tables(position + 1, dh, 'cpu')
+    c = cos[position].view(1, 1, dh // 2, 1, 1)
+    s = sin[position].view(1, 1, dh // 2, 1, 1)
+    out = []
+    for blk in dec.blocks:
+        w = blk.attn.qkv.weight.detach().float().view(3, heads, dh // 2, 2, dec.dim)
+        even, odd = w[:, :, :, :1], w[:, :, :, 1:]
+        # Channel pair (2i, 2i + 1) of q and k: (x1 cos - x2 sin, x1 sin + x2 cos).
+        rot = torch.cat((even * c - odd * s, even * s + odd * c), dim=3)
+        rot[0] *= dh ** -0.5
+        out.append(torch.cat((rot[:2], w[2:]), dim=0).reshape(3 * dec.dim, dec.dim))
+    return out
+
+
+def token_blocks(dec, x, weights, past_k, past_v):
+    """Run the blocks over one new token per row, ``x`` [B, D] (after ``past_k``/``past_v``).
+
+    ``weights``: :func:`rotated_qkv` at the token's position. With a single query per row the
+    attention needs no mask, no rotation and no transposes: 2-D tokens, heads as a reshape.
+    Returns ``(x [B, D], keys, values)`` as :func:`cached_blocks`.
+    """
+    b, dim = x.shape
+    heads = dec.heads
+    dh = dim // heads
+    keys, values = [], []
+    for i, blk in enumerate(dec.blocks):
+        qkv = torch.nn.functional.linear(blk.norm1(x), weights[i]).view(b, 3, heads, 1, dh)
+        q = qkv[:, 0]
+        k = torch.cat((past_k[i], qkv[:, 1]), dim=2)
+        v = torch.cat((past_v[i], qkv[:, 2]), dim=2)
+        keys.append(k)
+        values.append(v)
+        # A positive axis: the exporter turns -1 into a wrong axis when it cannot see the rank.
+        att = torch.softmax(q @ k.transpose(2, 3), dim=3)
+        x = x + blk.attn.proj((att @ v).reshape(b, dim))
+        x = x + blk.mlp(blk.norm2(x))
+    return x, keys, values
+
+
 def _first_tokens(dec, g, sat_0):
     """Return the tokens of step 0: the ground token and the root view, [B, 2, D]."""
     first = dec.in_norm(g) + dec.type_embed.weight[TYPE_GROUND]
@@ -125,6 +177,10 @@ class SearchGraph(torch.nn.Module):
         self.m, self.t, self.width, self.roots = model, t, width, roots
         self.k = model.config.grid_k
         self.steps = model.config.steps
+        dec = model.decoder
+        # Fused layout: one new token per path and step, at a position fixed by its level.
+        self.qkv = {lv: rotated_qkv(dec, dec.tokens_through(lv) - 1)
+                    for lv in range(t + 1, self.steps)} if dec.fused else {}
 
     def forward(self, g, sat, *rest):
         logp = torch.zeros(sat.shape[0])
@@ -147,8 +203,8 @@ class SearchGraph(torch.nn.Module):
         xy = start
         origin = torch.arange(start.shape[0])
         paths = actions
+        last = x.squeeze(1) if x.shape[1] == 1 else x[:, x.shape[1] - 1]
         for i, lv in enumerate(range(self.t, self.steps)):
-            last = x.squeeze(1) if x.shape[1] == 1 else x[:, x.shape[1] - 1]
             logits = dec.readout(dec.norm(last))
             cxy = xy[:, None] * k + offsets  # [B, k*k, 2]
             row = geom[i]
@@ -170,8 +226,13 @@ class SearchGraph(torch.nn.Module):
             paths = torch.cat((paths[parent], act[:, None]), dim=1)
             if lv + 1 < self.steps:
                 view = tokens[local.reshape(-1)[pick] + row[3]].float()
-                x = _step_tokens(dec, view, act)
-                x, keys, values = cached_blocks(dec, x, dec.tokens_through(lv + 1),
-                                                [kk_[parent] for kk_ in keys],
-                                                [vv[parent] for vv in values])
+                keys = [kk_[parent] for kk_ in keys]
+                values = [vv[parent] for vv in values]
+                if dec.fused:
+                    last, keys, values = token_blocks(dec, dec.view_token(view, act),
+                                                      self.qkv[lv + 1], keys, values)
+                else:
+                    x, keys, values = cached_blocks(dec, _step_tokens(dec, view, act),
+                                                    dec.tokens_through(lv + 1), keys, values)
+                    last = x[:, x.shape[1] - 1]
         return logp, xy[:, 0], xy[:, 1], paths, origin

@@ -89,14 +89,22 @@ def _prefixes(rng, batches):
                    rng.integers(0, K * K, (n, t)))
 
 
-@pytest.fixture(scope='module')
-def plain(tmp_path_factory):
-    root = tmp_path_factory.mktemp('rt')
-    model = _policy(root / 'model')
+def _backends(root, tokens='interleaved'):
+    model = _policy(root / 'model', tokens=tokens)
     tb = TorchBackend(model)
     ob = OnnxBackend(model, threads=1)
     bundle = _bundle(root / 'bundle', tb.model_hash)
     return {'model': model, 'torch': tb, 'onnx': ob, 'bundle': bundle}
+
+
+@pytest.fixture(scope='module')
+def plain(tmp_path_factory):
+    return _backends(tmp_path_factory.mktemp('rt'))
+
+
+@pytest.fixture(scope='module')
+def fused(tmp_path_factory):
+    return _backends(tmp_path_factory.mktemp('rt-fused'), tokens='fused')
 
 
 def test_numpy_preprocessing_equals_torch(plain):
@@ -338,8 +346,12 @@ def test_kv_cache_serves_the_search_without_recomputation(plain, monkeypatch):
     assert calls == list(range(STEPS))
 
 
-def test_whole_search_graph_equals_the_stepwise_search(plain, monkeypatch):
-    ob, bundle = plain['onnx'], plain['bundle']
+@pytest.mark.parametrize('layout', ['plain', 'fused'])
+def test_whole_search_graph_equals_the_stepwise_search(layout, request, monkeypatch):
+    # The fused layout's graphs run later steps through single-token blocks (rotation folded
+    # into the projection); the interleaved one through the general cached blocks.
+    backends = request.getfixturevalue(layout)
+    ob, bundle = backends['onnx'], backends['bundle']
     rng = np.random.default_rng(12)
     used = []
     graph = ob.search_graph
