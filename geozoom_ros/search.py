@@ -115,9 +115,7 @@ class Hypothesis:
     @property
     def center(self):
         """``(lat, lon)`` of the cell's centre in degrees."""
-        x, y = cell_center_merc(np.array([self.cell.x]), np.array([self.cell.y]), self.cell.z)
-        lat, lon = merc_to_latlon(x[0], y[0])
-        return float(lat), float(lon)
+        return cell_center_latlon(self.cell.x, self.cell.y, self.cell.z)
 
 
 @dataclass
@@ -148,13 +146,6 @@ class SearchResult:
 
 # --------------------------------------------------------------------------------------------
 # Vectorised Web-Mercator helpers (spherical, EPSG:3857 metres)
-
-def cell_center_merc(x, y, z):
-    """Return Mercator ``(X, Y)`` metres of the centres of cells (x, y arrays) at zoom z."""
-    size = 2.0 * _HALF / (2 ** z)
-    return (-_HALF + (np.asarray(x, float) + 0.5) * size,
-            _HALF - (np.asarray(y, float) + 0.5) * size)
-
 
 def _cell_merc_bounds(x, y, z):
     size = 2.0 * _HALF / (2 ** z)
@@ -187,6 +178,13 @@ def _overlaps(box, x, y, z):
 # --------------------------------------------------------------------------------------------
 # Covariance
 
+def cell_center_latlon(x, y, z):
+    """Return ``(lat, lon)`` degrees of the centre of cell (x, y) at zoom z (Python floats)."""
+    n = float(2 ** z)
+    lat = math.atan(math.sinh(math.pi * (1.0 - 2.0 * (float(y) + 0.5) / n)))
+    return math.degrees(lat), (float(x) + 0.5) / n * 360.0 - 180.0
+
+
 def hypotheses_covariance(cells_xy, zoom, probs, best=0):
     """Return the 2x2 east/north covariance (m^2) of a set of terminal hypotheses.
 
@@ -195,18 +193,20 @@ def hypotheses_covariance(cells_xy, zoom, probs, best=0):
     is the weighted second moment about the estimate plus the quantisation of one cell
     (side^2 / 12 per axis).
     """
-    x, y = cells_xy
-    cx, cy = cell_center_merc(x, y, zoom)
-    lat, _ = merc_to_latlon(cx[best], cy[best])
-    scale = math.cos(math.radians(float(lat)))
-    d = np.stack([(cx - cx[best]) * scale, (cy - cy[best]) * scale], axis=1)
+    x, y = (np.asarray(a) for a in cells_xy)
+    # Offsets in whole cells (exact integers), times the cell side in ground metres at the
+    # estimate's latitude; tile rows grow southward, north is up.
+    lat, _ = cell_center_latlon(x[best], y[best], zoom)
+    side = 2.0 * _HALF / (2 ** zoom) * math.cos(math.radians(lat))
+    dx = (x - x[best]) * side
+    dy = (y[best] - y) * side
     w = np.asarray(probs, dtype=float)
     total = w.sum()
     w = w / total if total > 0 and np.isfinite(total) else np.full(len(w), 1.0 / len(w))
-    spread = (d * w[:, None]).T @ d
-    side = 2.0 * _HALF / (2 ** zoom) * scale
-    cov = spread + np.eye(2) * (side * side / 12.0)
-    return 0.5 * (cov + cov.T)
+    wx, wy = w * dx, w * dy
+    exy = float(wx @ dy)
+    q = side * side / 12.0
+    return np.array([[float(wx @ dx) + q, exy], [exy, float(wy @ dy) + q]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -261,6 +261,19 @@ def children_logits(backend, bundle, out, level, cx, cy):
         keys = np.asarray(bundle.keys[rows.ravel()], np.float32).reshape(n, rows.shape[1], -1)
         out = np.einsum('nd,nkd->nk', np.asarray(out, np.float32).reshape(n, -1), keys)
     return np.array(out, dtype=np.float64).reshape(n, -1)  # a copy the caller may change
+
+
+def _root_cells(bundle, roots):
+    """Return ``(x [R], y [R], token rows [R, 1])`` of root cells (cached for all roots)."""
+    every = len(roots) == len(bundle.roots)
+    if every and 'root_cells' in bundle.derived:
+        return bundle.derived['root_cells']
+    xs = np.array([r.x for r in roots], np.int64)
+    ys = np.array([r.y for r in roots], np.int64)
+    cells = xs, ys, bundle.token_rows(0, xs, ys)[0][:, None]
+    if every:
+        bundle.derived['root_cells'] = cells
+    return cells
 
 
 def _shortlist_roots(roots, bundle, shortlist, g, max_roots):
@@ -371,10 +384,11 @@ def _graph_levels(run, bundle, tokens, g, sat, actions, xs, ys, level, box):
     geom = _level_geometry(bundle, level, box)
     logp, cx, cy, paths, origin = run(g.reshape(1, -1), sat, actions,
                                       np.stack([xs, ys], axis=1), tokens, usable, geom)
-    keep = logp > -np.inf
-    if not keep.any():
+    # Paths come best first, so the dead ones (-inf) are at the end.
+    n = int(np.isfinite(logp).sum())
+    if not n:
         return None
-    return (logp[keep].astype(np.float64), cx[keep], cy[keep], origin[keep], paths[keep],
+    return (logp[:n].astype(np.float64), cx[:n], cy[:n], origin[:n], paths[:n],
             bundle.steps - level)
 
 
@@ -382,7 +396,7 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
             max_roots=0):
     k = bundle.k
     g = np.asarray(g, dtype=np.float32).reshape(1, -1)
-    if g.shape[1] != bundle.embed_dim or not np.all(np.isfinite(g)):
+    if g.shape[1] != bundle.embed_dim or not np.isfinite(g).all():
         raise InputError(f'ground token has shape {g.shape} (finite: '
                          f'{bool(np.all(np.isfinite(g)))}); expected finite [1, '
                          f'{bundle.embed_dim}]')
@@ -411,10 +425,7 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
         root_id = np.zeros(1, np.int64)
         roots = [root]
     else:
-        xs = np.array([r.x for r in roots], np.int64)
-        ys = np.array([r.y for r in roots], np.int64)
-        rows, _ = bundle.token_rows(0, xs, ys)
-        root_rows = rows[:, None]
+        xs, ys, root_rows = _root_cells(bundle, roots)
         actions = np.zeros((len(roots), 0), np.int64)
         root_id = np.arange(len(roots), dtype=np.int64)
     # A plain-array view of the memory map: indexing it skips numpy.memmap's Python layer.
@@ -445,9 +456,10 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
         np.maximum.at(best_per_root, root_id, probs)
         weights = best_per_root / best_per_root.sum()
         probs = probs * weights[root_id]
-    order = np.argsort(-probs, kind='stable')
-    probs, xs, ys, root_id, actions = (probs[order], xs[order], ys[order], root_id[order],
-                                       actions[order])
+        # Root weights can reorder the paths; a single root's come best first.
+        order = np.argsort(-probs, kind='stable')
+        probs, xs, ys, root_id, actions = (probs[order], xs[order], ys[order], root_id[order],
+                                           actions[order])
     tz = bundle.terminal.zoom
     # tolist() turns numpy scalars into Python ints and floats in one call per array.
     hyps = [Hypothesis(Cell(x, y, tz), p, tuple(path), roots[r])
@@ -466,9 +478,8 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
             side = min(side, 2.0 * PRIOR_SIGMAS * math.sqrt(float(np.max(np.diag(
                 np.asarray(prior.cov_en, float))))))
         cov = cov + np.eye(2) * (1.0 - mass) * side * side / 12.0
-    cx0, cy0 = cell_center_merc(xs[:1], ys[:1], tz)
-    lat, lon = merc_to_latlon(cx0[0], cy0[0])
-    return SearchResult(hyps, (float(lat), float(lon)), cov, float(probs[0]), start, calls,
+    return SearchResult(hyps, cell_center_latlon(xs[0], ys[0], tz), cov, float(probs[0]),
+                        start, calls,
                         {'roots_searched': len(roots), 'roots_total': roots_total,
                          'start_level': level, 'mass': mass})
 

@@ -35,8 +35,8 @@ from geozoom_ros.bundle import load_bundle
 from geozoom_ros.errors import InputError, MismatchError
 from geozoom_ros.eval import metrics
 from geozoom_ros.geo import actions_between, ancestor, cell_at, check_latlon, destination
-from geozoom_ros.search import (beam, cell_center_merc, children_logits, greedy,
-                                hypotheses_covariance, merc_to_latlon, Prior)
+from geozoom_ros.search import (beam, cell_center_latlon, children_logits, greedy,
+                                hypotheses_covariance, Prior)
 
 METHODS = ('zoom', 'zoom-beam', 'retrieval', 'sim-zoom', 'ground-knn')
 DEFAULT_GT_TOPIC = '/gps/fix_truth'
@@ -289,10 +289,8 @@ def _level_vectors(bundle, level):
 
 def _fix_from_cells(xs, ys, zoom, probs):
     """Return (lat, lon, cov_en, confidence) from candidate cells sorted best first."""
-    cx, cy = cell_center_merc(xs[:1], ys[:1], zoom)
-    lat, lon = merc_to_latlon(cx[0], cy[0])
-    cov = hypotheses_covariance((xs, ys), zoom, probs, best=0)
-    return float(lat), float(lon), cov, float(probs[0])
+    lat, lon = cell_center_latlon(xs[0], ys[0], zoom)
+    return lat, lon, hypotheses_covariance((xs, ys), zoom, probs, best=0), float(probs[0])
 
 
 # --------------------------------------------------------------------------------------------

@@ -114,10 +114,11 @@ def token_blocks(dec, x, weights, past_k, past_v):
     dh = dim // heads
     keys, values = [], []
     for i, blk in enumerate(dec.blocks):
-        qkv = torch.nn.functional.linear(blk.norm1(x), weights[i]).view(b, 3, heads, 1, dh)
-        q = qkv[:, 0]
-        k = torch.cat((past_k[i], qkv[:, 1]), dim=2)
-        v = torch.cat((past_v[i], qkv[:, 2]), dim=2)
+        # [B, 3 heads, 1, dh] splits into q, k, v [B, heads, 1, dh] in one operator.
+        qkv = torch.nn.functional.linear(blk.norm1(x), weights[i]).view(b, 3 * heads, 1, dh)
+        q, k, v = qkv.split(heads, dim=1)
+        k = torch.cat((past_k[i], k), dim=2)
+        v = torch.cat((past_v[i], v), dim=2)
         keys.append(k)
         values.append(v)
         # A positive axis: the exporter turns -1 into a wrong axis when it cannot see the rank.
@@ -216,10 +217,9 @@ class SearchGraph(torch.nn.Module):
                 valid = valid & usable[local + row[4]]
             neg = torch.full_like(logits, float('-inf'))
             lsm = torch.log_softmax(torch.where(valid, logits, neg), dim=1)
-            cand = torch.where(valid, logp[:, None] + lsm, neg).reshape(1, -1)
+            cand = torch.where(valid, logp[:, None] + lsm, neg).reshape(-1)
             # The graph's shapes are static, so the number of candidates is a constant here.
-            logp, pick = torch.topk(cand, min(self.width, cand.shape[1]), dim=1)
-            logp, pick = logp[0], pick[0]
+            logp, pick = torch.topk(cand, min(self.width, cand.shape[0]), dim=0)
             parent, act = pick // kk, pick % kk
             origin = origin[parent]
             xy = cxy.reshape(-1, 2)[pick]
