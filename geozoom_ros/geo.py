@@ -142,9 +142,17 @@ def cell_xy_bounds(cell):
 
 def cell_center(cell):
     """Return ``(lat, lon)`` of the cell's centre (the centre in Mercator metres)."""
-    left, bottom, right, top = cell_xy_bounds(cell)
-    lon, lat = mercantile.lnglat((left + right) / 2.0, (bottom + top) / 2.0)
-    return lat, lon
+    return tile_center(cell.x, cell.y, cell.z)
+
+
+def tile_center(x, y, z):
+    """Return ``(lat, lon)`` degrees (Python floats) of the centre of cell (x, y) at zoom z.
+
+    Closed-form spherical Mercator, for per-frame use without building a cell.
+    """
+    n = float(2 ** z)
+    lat = math.atan(math.sinh(math.pi * (1.0 - 2.0 * (float(y) + 0.5) / n)))
+    return math.degrees(lat), (float(x) + 0.5) / n * 360.0 - 180.0
 
 
 def cell_size_m(cell):

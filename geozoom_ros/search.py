@@ -37,7 +37,7 @@ import numpy as np
 from geozoom_ros.bundle import MIN_COVERAGE  # noqa: F401 (a name users import from here)
 from geozoom_ros.errors import InputError
 from geozoom_ros.geo import (actions_between, ancestor, Cell, cell_at, cell_size_m,
-                             check_latlon, child, EARTH_RADIUS_M)
+                             check_latlon, child, EARTH_RADIUS_M, tile_center)
 
 _HALF = math.pi * EARTH_RADIUS_M  # half the Web-Mercator world width (m)
 #: A prior region spans this many standard deviations.
@@ -115,7 +115,7 @@ class Hypothesis:
     @property
     def center(self):
         """``(lat, lon)`` of the cell's centre in degrees."""
-        return cell_center_latlon(self.cell.x, self.cell.y, self.cell.z)
+        return tile_center(self.cell.x, self.cell.y, self.cell.z)
 
 
 @dataclass
@@ -178,13 +178,6 @@ def _overlaps(box, x, y, z):
 # --------------------------------------------------------------------------------------------
 # Covariance
 
-def cell_center_latlon(x, y, z):
-    """Return ``(lat, lon)`` degrees of the centre of cell (x, y) at zoom z (Python floats)."""
-    n = float(2 ** z)
-    lat = math.atan(math.sinh(math.pi * (1.0 - 2.0 * (float(y) + 0.5) / n)))
-    return math.degrees(lat), (float(x) + 0.5) / n * 360.0 - 180.0
-
-
 def hypotheses_covariance(cells_xy, zoom, probs, best=0):
     """Return the 2x2 east/north covariance (m^2) of a set of terminal hypotheses.
 
@@ -196,7 +189,7 @@ def hypotheses_covariance(cells_xy, zoom, probs, best=0):
     x, y = (np.asarray(a) for a in cells_xy)
     # Offsets in whole cells (exact integers), times the cell side in ground metres at the
     # estimate's latitude; tile rows grow southward, north is up.
-    lat, _ = cell_center_latlon(x[best], y[best], zoom)
+    lat, _ = tile_center(x[best], y[best], zoom)
     side = 2.0 * _HALF / (2 ** zoom) * math.cos(math.radians(lat))
     dx = (x - x[best]) * side
     dy = (y[best] - y) * side
@@ -478,7 +471,7 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
             side = min(side, 2.0 * PRIOR_SIGMAS * math.sqrt(float(np.max(np.diag(
                 np.asarray(prior.cov_en, float))))))
         cov = cov + np.eye(2) * (1.0 - mass) * side * side / 12.0
-    return SearchResult(hyps, cell_center_latlon(xs[0], ys[0], tz), cov, float(probs[0]),
+    return SearchResult(hyps, tile_center(xs[0], ys[0], tz), cov, float(probs[0]),
                         start, calls,
                         {'roots_searched': len(roots), 'roots_total': roots_total,
                          'start_level': level, 'mass': mass})

@@ -34,9 +34,9 @@ import numpy as np
 from geozoom_ros.bundle import load_bundle
 from geozoom_ros.errors import InputError, MismatchError
 from geozoom_ros.eval import metrics
-from geozoom_ros.geo import actions_between, ancestor, cell_at, check_latlon, destination
-from geozoom_ros.search import (beam, cell_center_latlon, children_logits, greedy,
-                                hypotheses_covariance, Prior)
+from geozoom_ros.geo import (actions_between, ancestor, cell_at, check_latlon, destination,
+                             tile_center)
+from geozoom_ros.search import beam, children_logits, greedy, hypotheses_covariance, Prior
 
 METHODS = ('zoom', 'zoom-beam', 'retrieval', 'sim-zoom', 'ground-knn')
 DEFAULT_GT_TOPIC = '/gps/fix_truth'
@@ -289,7 +289,7 @@ def _level_vectors(bundle, level):
 
 def _fix_from_cells(xs, ys, zoom, probs):
     """Return (lat, lon, cov_en, confidence) from candidate cells sorted best first."""
-    lat, lon = cell_center_latlon(xs[0], ys[0], zoom)
+    lat, lon = tile_center(xs[0], ys[0], zoom)
     return lat, lon, hypotheses_covariance((xs, ys), zoom, probs, best=0), float(probs[0])
 
 

@@ -79,14 +79,16 @@ def test_cell_size_known_values():
     assert 6850 < geo.cell_size_m(geo.cell_at(45.0, 7.0, 12)) < 6950
 
 
-def test_cell_center_inside_and_at_mercator_midpoint():
-    cell = geo.Cell(2200, 1400, 12)
+@pytest.mark.parametrize('cell', [geo.Cell(2200, 1400, 12), geo.Cell(0, 0, 3),
+                                  geo.cell_at(-33.86, 151.21, 20), geo.cell_at(47.38, 8.54, 20)])
+def test_cell_center_inside_and_at_mercator_midpoint(cell):
     lat, lon = geo.cell_center(cell)
     w, s, e, n = geo.cell_bounds(cell)
-    assert lon == pytest.approx((w + e) / 2)
+    assert lon == pytest.approx((w + e) / 2, abs=1e-9)
     assert s < lat < n
     x, y = mercantile.xy(lon, lat)
     left, bottom, right, top = geo.cell_xy_bounds(cell)
+    assert x == pytest.approx((left + right) / 2, abs=1e-6)
     assert y == pytest.approx((bottom + top) / 2, abs=1e-6)
 
 
