@@ -95,6 +95,14 @@ class CovarianceModel:
         """
         cov = np.asarray(cov_en, dtype=float)
         single = cov.ndim == 2
+        if single and np.ndim(confidence) == 0:
+            # One fix (the localizer's, per frame): plain floats, no batch machinery.
+            c = float(confidence)
+            c = 0.0 if math.isnan(c) else min(max(c, 0.0), 1.0)
+            iso = self.b0_m ** 2 + self.b1_m ** 2 * (1.0 - c)
+            (xx, xy), (yx, yy) = cov.tolist()
+            off = self.a * 0.5 * (xy + yx)
+            return np.array([[self.a * xx + iso, off], [off, self.a * yy + iso]])
         cov = cov.reshape(-1, 2, 2)
         c = np.nan_to_num(np.asarray(confidence, dtype=float).reshape(-1), nan=0.0)
         c = np.clip(np.broadcast_to(c, (len(cov),)), 0.0, 1.0)

@@ -181,25 +181,28 @@ def _overlaps(box, x, y, z):
 def hypotheses_covariance(cells_xy, zoom, probs, best=0):
     """Return the 2x2 east/north covariance (m^2) of a set of terminal hypotheses.
 
-    ``cells_xy`` is ``(x, y)`` int arrays of terminal cells at ``zoom``; ``probs`` their
+    ``cells_xy`` is ``(x, y)`` int sequences of terminal cells at ``zoom``; ``probs`` their
     probabilities (renormalised here); ``best`` the index of the published estimate. The result
     is the weighted second moment about the estimate plus the quantisation of one cell
     (side^2 / 12 per axis).
     """
-    x, y = (np.asarray(a) for a in cells_xy)
+    x, y, w = (a.tolist() if isinstance(a, np.ndarray) else list(a) for a in (*cells_xy, probs))
     # Offsets in whole cells (exact integers), times the cell side in ground metres at the
-    # estimate's latitude; tile rows grow southward, north is up.
-    lat, _ = tile_center(x[best], y[best], zoom)
+    # estimate's latitude; tile rows grow southward, north is up. Plain Python: a search has a
+    # handful of hypotheses, fewer than numpy's per-call costs would pay for.
+    x0, y0 = x[best], y[best]
+    lat, _ = tile_center(x0, y0, zoom)
     side = 2.0 * _HALF / (2 ** zoom) * math.cos(math.radians(lat))
-    dx = (x - x[best]) * side
-    dy = (y[best] - y) * side
-    w = np.asarray(probs, dtype=float)
-    total = w.sum()
-    w = w / total if total > 0 and np.isfinite(total) else np.full(len(w), 1.0 / len(w))
-    wx, wy = w * dx, w * dy
-    exy = float(wx @ dy)
+    total = math.fsum(w)
+    w = [p / total for p in w] if total > 0 and math.isfinite(total) else [1.0 / len(w)] * len(w)
+    exx = exy = eyy = 0.0
+    for xi, yi, wi in zip(x, y, w):
+        dx, dy = (xi - x0) * side, (y0 - yi) * side
+        exx += wi * dx * dx
+        exy += wi * dx * dy
+        eyy += wi * dy * dy
     q = side * side / 12.0
-    return np.array([[float(wx @ dx) + q, exy], [exy, float(wy @ dy) + q]])
+    return np.array([[exx + q, exy], [exy, eyy + q]])
 
 
 # --------------------------------------------------------------------------------------------
@@ -256,14 +259,25 @@ def children_logits(backend, bundle, out, level, cx, cy):
     return np.array(out, dtype=np.float64).reshape(n, -1)  # a copy the caller may change
 
 
+def _views(bundle, rows):
+    """Return the float32 view tokens ``[R, L, D]`` of token rows ``[R, L]``."""
+    # A plain-array view of the memory map: indexing it skips numpy.memmap's Python layer.
+    tokens = _plain(bundle.tokens)
+    return tokens[rows.ravel()].astype(np.float32).reshape(rows.shape[0], rows.shape[1], -1)
+
+
 def _root_cells(bundle, roots):
-    """Return ``(x [R], y [R], token rows [R, 1])`` of root cells (cached for all roots)."""
+    """Return ``(x, y [R], token rows [R, 1], start [R, 2], views [R, 1, D])`` of root cells.
+
+    Cached per bundle for the list of all its roots (the search without a prior).
+    """
     every = len(roots) == len(bundle.roots)
     if every and 'root_cells' in bundle.derived:
         return bundle.derived['root_cells']
     xs = np.array([r.x for r in roots], np.int64)
     ys = np.array([r.y for r in roots], np.int64)
-    cells = xs, ys, bundle.token_rows(0, xs, ys)[0][:, None]
+    rows = bundle.token_rows(0, xs, ys)[0][:, None]
+    cells = xs, ys, rows, np.stack([xs, ys], axis=1), _views(bundle, rows)
     if every:
         bundle.derived['root_cells'] = cells
     return cells
@@ -366,19 +380,19 @@ def _level_geometry(bundle, level, box):
     return geom
 
 
-def _graph_levels(run, bundle, tokens, g, sat, actions, xs, ys, level, box):
+def _graph_levels(run, bundle, tokens, g, sat, actions, start_xy, level, box):
     """Decode with a backend's whole-search graph: one call per frame.
 
-    The start cells (``xs``, ``ys`` at ``level``) share one beam, as in :func:`_decode_levels`
-    without ``per_root``; same selection, float32 instead of float64 scores. Returns its
-    tuple, or None when every child is masked.
+    The start cells (``start_xy`` [R, 2] at ``level``) share one beam, as in
+    :func:`_decode_levels` without ``per_root``; same selection, float32 instead of float64
+    scores. Returns its tuple, or None when every child is masked.
     """
     usable, _ = bundle.imagery_table()
     geom = _level_geometry(bundle, level, box)
-    logp, cx, cy, paths, origin = run(g.reshape(1, -1), sat, actions,
-                                      np.stack([xs, ys], axis=1), tokens, usable, geom)
+    logp, cx, cy, paths, origin = run(g.reshape(1, -1), sat, actions, start_xy, tokens, usable,
+                                      geom)
     # Paths come best first, so the dead ones (-inf) are at the end.
-    n = int(np.isfinite(logp).sum())
+    n = len(logp) if logp[-1] > -np.inf else int(np.isfinite(logp).sum())
     if not n:
         return None
     return (logp[:n].astype(np.float64), cx[:n], cy[:n], origin[:n], paths[:n],
@@ -389,7 +403,8 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
             max_roots=0):
     k = bundle.k
     g = np.asarray(g, dtype=np.float32).reshape(1, -1)
-    if g.shape[1] != bundle.embed_dim or not np.isfinite(g).all():
+    # A float64 sum is finite exactly when every float32 entry is (one reduction).
+    if g.shape[1] != bundle.embed_dim or not math.isfinite(np.add.reduce(g, None, np.float64)):
         raise InputError(f'ground token has shape {g.shape} (finite: '
                          f'{bool(np.all(np.isfinite(g)))}); expected finite [1, '
                          f'{bundle.embed_dim}]')
@@ -411,19 +426,18 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
         chain = [root]
         for a in forced:
             chain.append(child(chain[-1], a, k))
-        root_rows = np.array([[bundle.row_of(c) for c in chain]], dtype=np.int64)
+        sat = _views(bundle, np.array([[bundle.row_of(c) for c in chain]], dtype=np.int64))
         xs = np.array([start_cell.x], np.int64)
         ys = np.array([start_cell.y], np.int64)
+        start_xy = np.array([[start_cell.x, start_cell.y]], np.int64)
         actions = np.array([forced], dtype=np.int64).reshape(1, len(forced))
         root_id = np.zeros(1, np.int64)
         roots = [root]
     else:
-        xs, ys, root_rows = _root_cells(bundle, roots)
+        xs, ys, _, start_xy, sat = _root_cells(bundle, roots)
         actions = np.zeros((len(roots), 0), np.int64)
         root_id = np.arange(len(roots), dtype=np.int64)
-    # A plain-array view of the memory map: indexing it skips numpy.memmap's Python layer.
     tokens = _plain(bundle.tokens)
-    sat = tokens[root_rows.ravel()].astype(np.float32).reshape(len(xs), root_rows.shape[1], -1)
     start = start_cell if start_cell is not None else (roots[0] if len(roots) == 1 else None)
 
     per_root = per_root and len(roots) > 1
@@ -434,7 +448,7 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
             and tokens.dtype == np.float16:
         run = graph(width, level, len(xs))
     if run is not None:
-        decoded = _graph_levels(run, bundle, tokens, g, sat, actions, xs, ys, level, box)
+        decoded = _graph_levels(run, bundle, tokens, g, sat, actions, start_xy, level, box)
     else:
         decoded = _decode_levels(backend, bundle, tokens, g, sat, actions, xs, ys, root_id,
                                  level, width, per_root, box)
@@ -454,12 +468,13 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
         probs, xs, ys, root_id, actions = (probs[order], xs[order], ys[order], root_id[order],
                                            actions[order])
     tz = bundle.terminal.zoom
-    # tolist() turns numpy scalars into Python ints and floats in one call per array.
+    # Python ints and floats from here: tolist() converts an array in one call, and a handful
+    # of hypotheses costs less in plain Python than in numpy calls.
+    xs, ys, probs = xs.tolist(), ys.tolist(), probs.tolist()
     hyps = [Hypothesis(Cell(x, y, tz), p, tuple(path), roots[r])
-            for x, y, p, path, r in zip(xs.tolist(), ys.tolist(), probs.tolist(),
-                                        actions.tolist(), root_id.tolist())]
+            for x, y, p, path, r in zip(xs, ys, probs, actions.tolist(), root_id.tolist())]
     cov = hypotheses_covariance((xs, ys), tz, probs, best=0)
-    mass = float(min(1.0, probs.sum()))
+    mass = min(1.0, math.fsum(probs))
     if residual and mass < 1.0:
         # The probability the search lost (paths pruned or never explored) lies somewhere in
         # the region it started from: count it as uniform over that region.
@@ -471,8 +486,7 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
             side = min(side, 2.0 * PRIOR_SIGMAS * math.sqrt(float(np.max(np.diag(
                 np.asarray(prior.cov_en, float))))))
         cov = cov + np.eye(2) * (1.0 - mass) * side * side / 12.0
-    return SearchResult(hyps, tile_center(xs[0], ys[0], tz), cov, float(probs[0]),
-                        start, calls,
+    return SearchResult(hyps, tile_center(xs[0], ys[0], tz), cov, probs[0], start, calls,
                         {'roots_searched': len(roots), 'roots_total': roots_total,
                          'start_level': level, 'mass': mass})
 

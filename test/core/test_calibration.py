@@ -107,8 +107,12 @@ def test_apply_values_and_symmetric_positive_definite():
     covs[1] = [[1e4, 1e4], [1e4, 1e4]]             # rank one
     covs[2] = [[9.0, 2.0], [1.0, 4.0]]             # slightly asymmetric input
     conf = rng.uniform(-0.5, 1.5, 200)
-    out = C.CovarianceModel(a=3.0, b0_m=C.MIN_SIGMA_M, b1_m=0.0).apply(covs, conf)
+    wide = C.CovarianceModel(a=3.0, b0_m=C.MIN_SIGMA_M, b1_m=2.0)
+    out = wide.apply(covs, conf)
     assert out.shape == (200, 2, 2)
+    # One fix with a scalar confidence (the localizer's path) gives the batch's values.
+    for i in (0, 1, 2, 3):
+        np.testing.assert_allclose(wide.apply(covs[i], float(conf[i])), out[i], rtol=1e-12)
     np.testing.assert_array_equal(out, np.swapaxes(out, 1, 2))
     assert np.all(np.linalg.eigvalsh(out) > 0)
 
