@@ -267,20 +267,24 @@ def _views(bundle, rows):
 
 
 def _root_cells(bundle, roots):
-    """Return ``(x, y [R], token rows [R, 1], start [R, 2], views [R, 1, D])`` of root cells.
+    """Return ``(x, y [R], start [R, 2], views [R, 1, D])`` of root cells.
 
-    Cached per bundle for the list of all its roots (the search without a prior).
+    The arrays of all the bundle's roots are built once per bundle; a subset (a shortlist, a
+    prior's roots) is picked from them.
     """
-    every = len(roots) == len(bundle.roots)
-    if every and 'root_cells' in bundle.derived:
-        return bundle.derived['root_cells']
-    xs = np.array([r.x for r in roots], np.int64)
-    ys = np.array([r.y for r in roots], np.int64)
-    rows = bundle.token_rows(0, xs, ys)[0][:, None]
-    cells = xs, ys, rows, np.stack([xs, ys], axis=1), _views(bundle, rows)
-    if every:
-        bundle.derived['root_cells'] = cells
-    return cells
+    table = bundle.derived.get('root_cells')
+    if table is None:
+        xs = np.array([r.x for r in bundle.roots], np.int64)
+        ys = np.array([r.y for r in bundle.roots], np.int64)
+        rows = bundle.token_rows(0, xs, ys)[0][:, None]
+        table = bundle.derived['root_cells'] = (
+            (xs, ys, np.stack([xs, ys], axis=1), _views(bundle, rows)),
+            {(r.x, r.y): i for i, r in enumerate(bundle.roots)})
+    arrays, index = table
+    if len(roots) == len(bundle.roots):
+        return arrays
+    pick = np.array([index[(r.x, r.y)] for r in roots], np.int64)
+    return tuple(a[pick] for a in arrays)
 
 
 def _shortlist_roots(roots, bundle, shortlist, g, max_roots):
@@ -434,7 +438,7 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
         root_id = np.zeros(1, np.int64)
         roots = [root]
     else:
-        xs, ys, _, start_xy, sat = _root_cells(bundle, roots)
+        xs, ys, start_xy, sat = _root_cells(bundle, roots)
         actions = np.zeros((len(roots), 0), np.int64)
         root_id = np.arange(len(roots), dtype=np.int64)
     tokens = _plain(bundle.tokens)
@@ -456,23 +460,24 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
         return None
     logp, xs, ys, root_id, actions, calls = decoded
 
-    # Weight roots by their best surviving path.
-    probs = np.exp(logp)
-    if len(roots) > 1:
-        best_per_root = np.zeros(len(roots))
-        np.maximum.at(best_per_root, root_id, probs)
-        weights = best_per_root / best_per_root.sum()
-        probs = probs * weights[root_id]
-        # Root weights can reorder the paths; a single root's come best first.
-        order = np.argsort(-probs, kind='stable')
-        probs, xs, ys, root_id, actions = (probs[order], xs[order], ys[order], root_id[order],
-                                           actions[order])
-    tz = bundle.terminal.zoom
     # Python ints and floats from here: tolist() converts an array in one call, and a handful
     # of hypotheses costs less in plain Python than in numpy calls.
-    xs, ys, probs = xs.tolist(), ys.tolist(), probs.tolist()
+    tz = bundle.terminal.zoom
+    arrays = (xs, ys, np.exp(logp), root_id, actions)
+    xs, ys, probs, root_id, paths = (a.tolist() for a in arrays)
+    if len(roots) > 1:
+        # Weight roots by their best surviving path; the weights can reorder the paths (a
+        # single root's come best first).
+        best = [0.0] * len(roots)
+        for p, r in zip(probs, root_id):
+            best[r] = max(best[r], p)
+        total = math.fsum(best)
+        probs = [p * best[r] / total if total > 0 else 0.0 for p, r in zip(probs, root_id)]
+        order = sorted(range(len(probs)), key=lambda i: -probs[i])  # stable, as argsort
+        xs, ys, probs, root_id, paths = ([a[i] for i in order]
+                                         for a in (xs, ys, probs, root_id, paths))
     hyps = [Hypothesis(Cell(x, y, tz), p, tuple(path), roots[r])
-            for x, y, p, path, r in zip(xs, ys, probs, actions.tolist(), root_id.tolist())]
+            for x, y, p, path, r in zip(xs, ys, probs, paths, root_id)]
     cov = hypotheses_covariance((xs, ys), tz, probs, best=0)
     mass = min(1.0, math.fsum(probs))
     if residual and mass < 1.0:

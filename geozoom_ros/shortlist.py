@@ -88,7 +88,14 @@ class RootShortlist:
         root_ids = np.array([self.root_index.get((int(x) >> shift, int(y) >> shift), -1)
                              for x, y in zip(xs, ys)], np.int64)
         keep = root_ids >= 0
-        rows, self.root_ids = rows[keep], root_ids[keep]
+        rows, root_ids = rows[keep], root_ids[keep]
+        # Cells grouped by root: a root's score is then one segment maximum (reduceat).
+        order = np.argsort(root_ids, kind='stable')
+        rows, self.root_ids = rows[order], root_ids[order]
+        self._starts = np.flatnonzero(np.r_[True, self.root_ids[1:] != self.root_ids[:-1]]) \
+            if len(rows) else np.zeros(0, np.int64)
+        #: Roots that have cells with imagery, ascending.
+        self.scored_roots = self.root_ids[self._starts]
         wm, bm = weights['aux_map.weight'], weights['aux_map.bias']
         emb = np.empty((len(rows), d), np.float32)
         for lo in range(0, len(rows), chunk):
@@ -103,13 +110,14 @@ class RootShortlist:
     def query(self, g):
         """Return the L2-normalised cross-view query ``[D]`` of a ground token ``g``."""
         g = np.asarray(g, np.float32).reshape(-1)
-        return _normalise(np.einsum('od,d->o', self._wg, g) + self._bg)
+        return _normalise(self._wg @ g + self._bg)
 
     def root_scores(self, g):
         """Return ``[num_roots]`` scores (best cosine of a root's cells; -inf: no imagery)."""
-        sims = self.embeddings @ self.query(g)
         scores = np.full(self.num_roots, -np.inf, np.float32)
-        np.maximum.at(scores, self.root_ids, sims)
+        if len(self._starts):
+            sims = self.embeddings @ self.query(g)
+            scores[self.scored_roots] = np.maximum.reduceat(sims, self._starts)
         return scores
 
     def select(self, g, count, among=None):
@@ -119,6 +127,9 @@ class RootShortlist:
         left out.
         """
         scores = self.root_scores(g)
-        cand = np.arange(self.num_roots) if among is None else np.asarray(among, np.int64)
-        cand = cand[np.isfinite(scores[cand])]
+        if among is None:
+            cand = self.scored_roots
+        else:
+            cand = np.asarray(among, np.int64)
+            cand = cand[np.isfinite(scores[cand])]
         return cand[np.argsort(-scores[cand], kind='stable')[:max(1, int(count))]]

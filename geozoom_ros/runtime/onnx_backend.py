@@ -298,6 +298,7 @@ def _search_runner(sess, level):
     # whose log-probability is -inf (they never survive).
     rows = int(shapes['sat'][0])
     padded = 'logp0' in shapes
+    full = np.zeros(rows, np.float32)  # logp0 of as many roots as rows: no padding
 
     def run(g, sat, actions, start, tokens, usable, geom):
         n = len(sat)
@@ -306,7 +307,7 @@ def _search_runner(sess, level):
                  'geom': geom}
         if level > 0:
             feeds['actions'] = np.asarray(actions, np.int64)
-        if padded:
+        if padded and n < rows:
             logp0 = np.full(rows, -np.inf, np.float32)
             logp0[:n] = 0.0
             feeds['logp0'] = logp0
@@ -315,6 +316,8 @@ def _search_runner(sess, level):
                                                                   np.float32)])
             feeds['start'] = np.concatenate([feeds['start'],
                                              np.repeat(feeds['start'][:1], rows - n, axis=0)])
+        elif padded:
+            feeds['logp0'] = full
         # A graph that starts at the last token level never reads tokens or masks: the
         # export drops inputs nothing uses.
         return sess.run(names, {k: np.ascontiguousarray(v) if k in ('sat', 'start') else v

@@ -45,7 +45,7 @@ def test_bench_reports_every_figure(world):
     assert big['tokens'] > small['tokens'] and big['gallery'] > small['gallery']
     assert small['zoom_beam_ratio_p50'] == 1.0
     for key in ('zoom_beam_ms', 'zoom_beam_shortlist_ms', 'brute_force_ms', 'faiss_flat_ms',
-                'faiss_ivf_ms'):
+                'faiss_ivf_ms', 'zoom_beam_shortlist_after_encoder_ms'):
         assert big[key]['p50'] > 0 and key.replace('_ms', '_ratio_p50') in big
     assert big['max_roots'] == 4 and big['shortlist_build_ms'] > 0
     assert big['bundle_bytes_per_km2'] > 0 and big['gallery_resident_bytes_per_km2'] > 0
