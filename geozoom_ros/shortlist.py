@@ -127,9 +127,6 @@ class RootShortlist:
         left out.
         """
         scores = self.root_scores(g)
-        if among is None:
-            cand = self.scored_roots
-        else:
-            cand = np.asarray(among, np.int64)
-            cand = cand[np.isfinite(scores[cand])]
+        cand = self.scored_roots if among is None else np.asarray(among, np.int64)
+        cand = cand[np.isfinite(scores[cand])]
         return cand[np.argsort(-scores[cand], kind='stable')[:max(1, int(count))]]
