@@ -208,6 +208,8 @@ class Bundle:
         self.embed_dim = int(manifest['embed_dim'])
         self.levels = [Level.from_json(d) for d in manifest['levels']]
         self.roots = [Cell(int(x), int(y), int(z)) for x, y, z in manifest['roots']]
+        #: Index in ``roots`` of each root, by ``(x, y)``.
+        self.root_index = {(r.x, r.y): i for i, r in enumerate(self.roots)}
         self.bounds = tuple(float(v) for v in manifest['map']['bounds'])
         self.model_hash = manifest['model']['hash']
         self.tokens = tokens

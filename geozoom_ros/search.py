@@ -259,13 +259,6 @@ def children_logits(backend, bundle, out, level, cx, cy):
     return np.array(out, dtype=np.float64).reshape(n, -1)  # a copy the caller may change
 
 
-def _views(bundle, rows):
-    """Return the float32 view tokens ``[R, L, D]`` of token rows ``[R, L]``."""
-    # A plain-array view of the memory map: indexing it skips numpy.memmap's Python layer.
-    tokens = _plain(bundle.tokens)
-    return tokens[rows.ravel()].astype(np.float32).reshape(rows.shape[0], rows.shape[1], -1)
-
-
 def _root_cells(bundle, roots):
     """Return ``(x, y [R], start [R, 2], views [R, 1, D])`` of root cells.
 
@@ -276,21 +269,18 @@ def _root_cells(bundle, roots):
     if table is None:
         xs = np.array([r.x for r in bundle.roots], np.int64)
         ys = np.array([r.y for r in bundle.roots], np.int64)
-        rows = bundle.token_rows(0, xs, ys)[0][:, None]
-        table = bundle.derived['root_cells'] = (
-            (xs, ys, np.stack([xs, ys], axis=1), _views(bundle, rows)),
-            {(r.x, r.y): i for i, r in enumerate(bundle.roots)})
-    arrays, index = table
+        table = (xs, ys, np.stack([xs, ys], axis=1), bundle.tokens_for(bundle.roots)[:, None])
+        bundle.derived['root_cells'] = table
     if len(roots) == len(bundle.roots):
-        return arrays
-    pick = np.array([index[(r.x, r.y)] for r in roots], np.int64)
-    return tuple(a[pick] for a in arrays)
+        return table
+    pick = np.array([bundle.root_index[(r.x, r.y)] for r in roots], np.int64)
+    return tuple(a[pick] for a in table)
 
 
 def _shortlist_roots(roots, bundle, shortlist, g, max_roots):
     """Return the ``max_roots`` of ``roots`` that ``shortlist`` ranks best for ``g``."""
     among = None if len(roots) == len(bundle.roots) else \
-        [shortlist.root_index[(r.x, r.y)] for r in roots]
+        [bundle.root_index[(r.x, r.y)] for r in roots]
     return [bundle.roots[i] for i in shortlist.select(g, max_roots, among)] or roots[:1]
 
 
@@ -430,7 +420,7 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
         chain = [root]
         for a in forced:
             chain.append(child(chain[-1], a, k))
-        sat = _views(bundle, np.array([[bundle.row_of(c) for c in chain]], dtype=np.int64))
+        sat = bundle.tokens_for(chain)[None]
         xs = np.array([start_cell.x], np.int64)
         ys = np.array([start_cell.y], np.int64)
         start_xy = np.array([[start_cell.x, start_cell.y]], np.int64)

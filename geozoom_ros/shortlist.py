@@ -83,9 +83,7 @@ class RootShortlist:
             keep = np.asarray(bundle.coverage[rows], np.float32) >= MIN_COVERAGE
             xs, ys, rows = xs[keep], ys[keep], rows[keep]
         shift = level * int(round(np.log2(bundle.k)))
-        #: Index in ``bundle.roots`` of each root, by ``(x, y)``.
-        self.root_index = {(r.x, r.y): i for i, r in enumerate(bundle.roots)}
-        root_ids = np.array([self.root_index.get((int(x) >> shift, int(y) >> shift), -1)
+        root_ids = np.array([bundle.root_index.get((int(x) >> shift, int(y) >> shift), -1)
                              for x, y in zip(xs, ys)], np.int64)
         keep = root_ids >= 0
         rows, root_ids = rows[keep], root_ids[keep]

@@ -323,18 +323,19 @@ def scaling(backend, areas, beam=8, repeats=10, seed=0, max_roots=4, folder=None
     rng = np.random.default_rng(seed)
     g = rng.standard_normal(cfg.embed_dim).astype(np.float32)
     rows = []
-    searches = {}
+    # The zoom searches of each area, by variant (timed after the loop).
+    searches = {'zoom_beam_ms': [], 'zoom_beam_shortlist_ms': []}
     for area in areas:
         bundle, levels = synthetic_bundle(area, cfg, backend.model_hash, folder)
         token_count = len(bundle.tokens)
         t0 = time.perf_counter()
         shortlist = RootShortlist(bundle, load_aux_weights(backend.model_path))
         shortlist_build_ms = (time.perf_counter() - t0) * 1e3
-        searches[area, 'zoom_beam_ms'] = \
-            lambda bundle=bundle: beam_search(backend, bundle, g, width=beam)
-        searches[area, 'zoom_beam_shortlist_ms'] = \
+        searches['zoom_beam_ms'].append(
+            lambda bundle=bundle: beam_search(backend, bundle, g, width=beam))
+        searches['zoom_beam_shortlist_ms'].append(
             lambda bundle=bundle, shortlist=shortlist: beam_search(
-                backend, bundle, g, width=beam, shortlist=shortlist, max_roots=max_roots)
+                backend, bundle, g, width=beam, shortlist=shortlist, max_roots=max_roots))
         # Retrieval gallery: one embedding per cell of the level whose cells are ~100 m.
         gallery_level = levels[min(3, len(levels) - 1)]
         n = gallery_level.count
@@ -377,9 +378,9 @@ def scaling(backend, areas, beam=8, repeats=10, seed=0, max_roots=4, folder=None
         timings.append(('zoom_beam_shortlist_ms', 'zoom_beam_shortlist_after_encoder_ms',
                         lambda: backend.encode_ground([frame])))
     for key, name, before in timings:
-        variant = {area: fn for (area, k), fn in searches.items() if k == key}
-        for area, pct in _time_round_robin(variant, repeats, before).items():
-            rows[list(areas).index(area)][name] = pct
+        variant = dict(enumerate(searches[key]))  # by the area's row
+        for i, pct in _time_round_robin(variant, repeats, before).items():
+            rows[i][name] = pct
     base = rows[0]
     for row in rows:
         for key in ('zoom_beam_ms', 'zoom_beam_shortlist_ms', 'brute_force_ms', 'faiss_flat_ms',

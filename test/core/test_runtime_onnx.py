@@ -202,9 +202,8 @@ def _assert_same_search(tb, ob, bundle, gs):
     assert len(paths) > 1  # the tokens lead to different paths: parity is not vacuous
 
 
-def test_fused_layout_cache_holds_one_token_per_step_and_matches_torch(tmp_path):
-    model = _policy(tmp_path / 'model', tokens='fused')
-    tb, ob = TorchBackend(model), OnnxBackend(model, threads=1)
+def test_fused_layout_cache_holds_one_token_per_step_and_matches_torch(fused):
+    model, tb, ob = fused['model'], fused['torch'], fused['onnx']
     for name in ('kv_1', 'kv_2'):
         shapes = _io_shapes(onnx.load(str(model / 'onnx' / ob.manifest['files'][name])).graph)
         t = int(name[3])
@@ -213,8 +212,8 @@ def test_fused_layout_cache_holds_one_token_per_step_and_matches_torch(tmp_path)
     for g, sat, acts in _prefixes(np.random.default_rng(4), (1, 8, 11)):
         np.testing.assert_allclose(ob.step_logits(g, sat, acts),
                                    tb.step_logits(g, sat, acts), atol=TOL, rtol=0)
-    bundle = _bundle(tmp_path / 'bundle', tb.model_hash)
-    _assert_same_search(tb, ob, bundle, np.random.default_rng(6).standard_normal((6, D)))
+    _assert_same_search(tb, ob, fused['bundle'],
+                        np.random.default_rng(6).standard_normal((6, D)))
 
 
 def test_match_head_parity_through_search_and_keys_decide_the_path(tmp_path):
