@@ -355,20 +355,24 @@ def _allowed_range(lo, hi, z, axis, box):
 def _level_geometry(bundle, level, box):
     """Return the search graphs' ``geom`` rows for the child levels below ``level``.
 
-    One row per level: its grid origin and width, token and imagery-mask offsets, and the
-    allowed cell ranges (the level's cells, cut to ``box``). Cached per bundle without a box.
+    One row per level (see :mod:`geozoom_ros.runtime.graphs`): the strides and offsets that
+    give a cell's imagery-mask index and token row, and the allowed cell ranges (the level's
+    cells, cut to ``box``). Cached per bundle without a box.
     """
     cache = bundle.derived.setdefault('graph_geometry', {})
     if box is None and level in cache:
         return cache[level]
     _, use_offset = bundle.imagery_table()
-    geom = np.empty((bundle.steps - level, 9), np.int64)
+    geom = np.zeros((bundle.steps - level, 8), np.int64)
     for i, lv in enumerate(range(level, bundle.steps)):
         nxt = bundle.levels[lv + 1]
         xr = _allowed_range(nxt.x0, nxt.x0 + nxt.nx - 1, nxt.zoom, 0, box)
         yr = _allowed_range(nxt.y0, nxt.y0 + nxt.ny - 1, nxt.zoom, 1, box)
-        geom[i] = (nxt.x0, nxt.y0, nxt.nx, max(nxt.offset, 0), use_offset.get(lv + 1, 0),
-                   *xr, *yr)
+        geom[i, :2] = (1, nxt.nx)
+        if nxt.offset >= 0:  # a token level: its cells' imagery-mask index and token row
+            use = use_offset[lv + 1]
+            geom[i, 2:4] = (use - nxt.x0 - nxt.nx * nxt.y0, nxt.offset - use)
+        geom[i, 4:] = (xr[0], yr[0], xr[1], yr[1])
     if box is None:
         cache[level] = geom
     return geom

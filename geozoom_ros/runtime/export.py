@@ -50,10 +50,11 @@ from geozoom_ros.fileio import atomic_write, atomic_write_json
 
 MANIFEST = 'manifest.json'
 FORMAT = 'geozoom-onnx'
-FORMAT_VERSION = 6  # 2: lean rotary embedding in the key/value steps; 3: search graphs;
+FORMAT_VERSION = 7  # 2: lean rotary embedding in the key/value steps; 3: search graphs;
 # 4: fewer operators per decoder block (stacked rotation, additive causal mask); 5: search
 # graphs of widths above k*k keep every path they should; 6: single-token decoder blocks in the
-# search graphs (rotation folded into the projection)
+# search graphs (rotation folded into the projection); 7: search graphs take each level's
+# strides and offsets (geom of 8 columns) and skip the origin with one start path
 OPSET = 17
 DECODERS = ('kv', 'per-step', 'full')
 #: Root rows of the padded roots search graphs: the default shortlist (``max_roots``) of the
@@ -155,7 +156,7 @@ def _search_jobs(model, beam):
             rows, offset = [], 0
             for lv in range(t, steps):
                 side = k ** (lv + 1 - t)
-                rows.append([0, 0, side, offset, offset, 0, side - 1, 0, side - 1])
+                rows.append([1, side, offset, 0, 0, 0, side - 1, side - 1])
                 offset += side * side if lv + 1 < steps else 0
             r = ROOT_ROWS if roots else 1
             args = [torch.zeros(1, d), torch.zeros(r, t + 1, d)]

@@ -22,9 +22,10 @@ Inputs of a search graph (static shapes except the map's arrays):
     t = 0); start int64 [R, 2] (x, y of the start cells at level t); logp0 float32 [R] (the
     roots graph only: 0 for a root, -inf for padding); tokens float16 [N, D] (the bundle's
     view tokens); usable bool [M] (which cells of each token level hold imagery, levels one
-    after another); geom int64 [steps - t, 9], one row per child level t + 1 .. steps: (x0,
-    y0, nx of the level's grid, token row offset, usable offset, first and last allowed x,
-    first and last allowed y: the level's cells, cut to a prior's box).
+    after another); geom int64 [steps - t, 8], one row per child level t + 1 .. steps: (1,
+    nx, u, r, first allowed x, first allowed y, last allowed x, last allowed y), where a
+    cell (x, y) of the level is ``usable[x + nx * y + u]`` and its token row is that index
+    plus r, and the allowed cells are the level's grid cut to a prior's box.
 Outputs: logp float32 [W] (path log-probabilities, best first; -inf marks no path), x, y int64
 [W] (terminal cells), paths int64 [W, steps] (actions from the root), origin int64 [W] (the
 start path each came from). The W best paths are chosen over all start paths together (beam
@@ -202,26 +203,28 @@ class SearchGraph(torch.nn.Module):
         ar = torch.arange(kk)
         offsets = torch.stack((ar % k, ar // k), dim=1)  # child (dx, dy), row-major
         xy = start
-        origin = torch.arange(start.shape[0])
+        # One start path: every surviving path comes from it (no gathers of the origin).
+        origin = torch.arange(start.shape[0]) if start.shape[0] > 1 else None
         paths = actions
         last = x.squeeze(1) if x.shape[1] == 1 else x[:, x.shape[1] - 1]
         for i, lv in enumerate(range(self.t, self.steps)):
             logits = dec.readout(dec.norm(last))
             cxy = xy[:, None] * k + offsets  # [B, k*k, 2]
             row = geom[i]
-            lo, hi = row[5:9:2], row[6:9:2]
+            lo, hi = row[4:6], row[6:8]
             valid = torch.minimum(cxy - lo, hi - cxy).amin(dim=-1) >= 0
-            local = ((cxy - row[0:2]) * torch.stack((torch.ones_like(row[2]), row[2]))).sum(-1)
-            local = local * valid  # 0 for cells outside (a safe index)
             if lv + 1 < self.steps:
-                valid = valid & usable[local + row[4]]
+                # Index in ``usable`` (0, a safe index, for cells outside the allowed range).
+                local = torch.where(valid, (cxy * row[0:2]).sum(-1) + row[2], 0)
+                valid = valid & usable[local]
             neg = torch.full_like(logits, float('-inf'))
             lsm = torch.log_softmax(torch.where(valid, logits, neg), dim=1)
             cand = torch.where(valid, logp[:, None] + lsm, neg).reshape(-1)
             # The graph's shapes are static, so the number of candidates is a constant here.
             logp, pick = torch.topk(cand, min(self.width, cand.shape[0]), dim=0)
             parent, act = pick // kk, pick % kk
-            origin = origin[parent]
+            if origin is not None:
+                origin = origin[parent]
             xy = cxy.reshape(-1, 2)[pick]
             paths = torch.cat((paths[parent], act[:, None]), dim=1)
             if lv + 1 < self.steps:
@@ -235,4 +238,6 @@ class SearchGraph(torch.nn.Module):
                     x, keys, values = cached_blocks(dec, _step_tokens(dec, view, act),
                                                     dec.tokens_through(lv + 1), keys, values)
                     last = x[:, x.shape[1] - 1]
+        if origin is None:
+            origin = torch.zeros_like(pick)
         return logp, xy[:, 0], xy[:, 1], paths, origin
