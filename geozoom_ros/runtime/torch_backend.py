@@ -2,6 +2,7 @@
 
 import inspect
 import os
+import warnings
 
 import numpy as np
 import torch
@@ -84,6 +85,8 @@ class TorchBackend(PolicyBackend):
         self.config = self.model.config
         self.model_path = os.fspath(model_path)
         self._heading_kw = _heading_kw(self.model.encode_ground)
+        self._graphs = {}
+        self._map_arrays = {}
 
     def _heading_args(self, headings, n):
         return _heading_args(self, headings, n)
@@ -118,6 +121,53 @@ class TorchBackend(PolicyBackend):
                                             self._to(sat, torch.float32),
                                             self._to(actions, torch.long))
         return logits.float().cpu().numpy()
+
+    def search_graph(self, width, level, starts=1):
+        """Return a function running a whole zoom search in one module call, or None.
+
+        The module is the one the ONNX export traces (:class:`~geozoom_ros.runtime.graphs.
+        SearchGraph`), run eagerly: any width and any number of start paths (the exported
+        graphs have static shapes), for linear action heads. Same arguments and results as
+        ``OnnxBackend.search_graph``; the bundle's token and imagery arrays move to the device
+        once per bundle.
+        """
+        if getattr(self.config, 'action_head', 'linear') != 'linear':
+            return None
+        key = (int(width), int(level))
+        if key not in self._graphs:
+            from geozoom_ros.runtime.graphs import SearchGraph
+
+            self._graphs[key] = SearchGraph(self.model, int(level), int(width)).eval()
+        module = self._graphs[key]
+
+        def run(g, sat, actions, start, tokens, usable, geom):
+            args = [self._to(g, torch.float32), self._to(sat, torch.float32)]
+            if level > 0:
+                args.append(self._to(actions, torch.long))
+            args += [self._to(start, torch.long), self._map_array(tokens),
+                     self._map_array(usable), self._to(geom, torch.long)]
+            with torch.inference_mode():
+                return tuple(out.cpu().numpy() for out in module(*args))
+        run.rows = float('inf')  # any number of start paths
+        return run
+
+    def _map_array(self, array):
+        """Return a bundle's array as a tensor on the device, converted once per array.
+
+        The cache holds the arrays too, so an address is never reused while it is a key.
+        """
+        key = (array.__array_interface__['data'][0], array.shape, array.dtype.str)
+        hit = self._map_arrays.get(key)
+        if hit is None:
+            with warnings.catch_warnings():
+                # A read-only memory map: the search only reads it.
+                warnings.filterwarnings('ignore', message='The given NumPy array is not '
+                                        'writable')
+                hit = (array, torch.from_numpy(array).to(self.device))
+            if len(self._map_arrays) >= 4:  # two arrays per bundle: the last two bundles
+                self._map_arrays.pop(next(iter(self._map_arrays)))
+            self._map_arrays[key] = hit
+        return hit[1]
 
 
 class TorchRetrieval:
