@@ -383,24 +383,28 @@ def _graph_levels(run, bundle, tokens, g, sat, actions, start_xy, level, box):
 
     The start cells (``start_xy`` [R, 2] at ``level``) share one beam, as in
     :func:`_decode_levels` without ``per_root``; same selection, float32 instead of float64
-    scores. Returns its tuple, or None when every child is masked.
+    scores. Returns its tuple with Python lists in place of arrays, or None when every child
+    is masked.
     """
     usable, _ = bundle.imagery_table()
     geom = _level_geometry(bundle, level, box)
-    logp, cx, cy, paths, origin = run(g.reshape(1, -1), sat, actions, start_xy, tokens, usable,
-                                      geom)
+    logp, cx, cy, paths, origin = run(g, sat, actions, start_xy, tokens, usable, geom)
+    # A handful of paths: lists from here (one call per array) cost less than numpy's calls.
+    logp = logp.tolist()
     # Paths come best first, so the dead ones (-inf) are at the end.
-    n = len(logp) if logp[-1] > -np.inf else int(np.isfinite(logp).sum())
+    n = len(logp)
+    while n and logp[n - 1] == -math.inf:
+        n -= 1
     if not n:
         return None
-    return (logp[:n].astype(np.float64), cx[:n], cy[:n], origin[:n], paths[:n],
-            bundle.steps - level)
+    return (logp[:n], cx.tolist()[:n], cy.tolist()[:n], origin.tolist()[:n],
+            paths.tolist()[:n], bundle.steps - level)
 
 
 def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlist=None,
             max_roots=0):
     k = bundle.k
-    g = np.asarray(g, dtype=np.float32).reshape(1, -1)
+    g = np.ascontiguousarray(g, dtype=np.float32).reshape(1, -1)
     # A float64 sum is finite exactly when every float32 entry is (one reduction).
     if g.shape[1] != bundle.embed_dim or not math.isfinite(np.add.reduce(g, None, np.float64)):
         raise InputError(f'ground token has shape {g.shape} (finite: '
@@ -433,8 +437,7 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
         roots = [root]
     else:
         xs, ys, start_xy, sat = _root_cells(bundle, roots)
-        actions = np.zeros((len(roots), 0), np.int64)
-        root_id = np.arange(len(roots), dtype=np.int64)
+        actions = root_id = None  # no actions from the roots; the root ids as needed below
     tokens = _plain(bundle.tokens)
     start = start_cell if start_cell is not None else (roots[0] if len(roots) == 1 else None)
 
@@ -448,17 +451,20 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
     if run is not None:
         decoded = _graph_levels(run, bundle, tokens, g, sat, actions, start_xy, level, box)
     else:
+        if root_id is None:
+            actions = np.zeros((len(roots), 0), np.int64)
+            root_id = np.arange(len(roots), dtype=np.int64)
         decoded = _decode_levels(backend, bundle, tokens, g, sat, actions, xs, ys, root_id,
                                  level, width, per_root, box)
+        if decoded is not None:
+            decoded = [a.tolist() if isinstance(a, np.ndarray) else a for a in decoded]
     if decoded is None:
         return None
-    logp, xs, ys, root_id, actions, calls = decoded
-
     # Python ints and floats from here: tolist() converts an array in one call, and a handful
     # of hypotheses costs less in plain Python than in numpy calls.
+    logp, xs, ys, root_id, paths, calls = decoded
+    probs = [math.exp(v) for v in logp]
     tz = bundle.terminal.zoom
-    arrays = (xs, ys, np.exp(logp), root_id, actions)
-    xs, ys, probs, root_id, paths = (a.tolist() for a in arrays)
     if len(roots) > 1:
         # Weight roots by their best surviving path; the weights can reorder the paths (a
         # single root's come best first).

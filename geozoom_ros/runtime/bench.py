@@ -134,19 +134,30 @@ def _backend_latency(backend, bundle_path, model, frames, warmup, beam, threads)
     for i in range(warmup):
         loc.localize(images[i % len(images)], heading_deg=heading)
     # Preallocated: lists growing by a float per frame would show up as resident memory.
-    lat = {key: np.empty(frames) for key in ('encoder', 'search', 'total')}
+    lat = {key: np.empty(frames) for key in ('encoder', 'search', 'total', 'graph')}
     rss0 = _rss()
     # Resident memory is sampled after every tenth of the frames: a leak grows linearly to
     # the end, while the allocators' one-off growth (pools, arenas) levels off early.
     tenth, samples = max(1, frames // 10), []
-    for i in range(frames):
-        fix = loc.localize(images[i % len(images)], heading_deg=heading)
-        for key in lat:
-            lat[key][i] = fix.latency_ms[key]
-        if (i + 1) % tenth == 0:
-            samples.append(_rss())
-    rss_end = _rss()  # before the statistics below allocate anything
+    timer = _GraphTimer(loc.backend)
+    try:
+        for i in range(frames):
+            timer.elapsed = np.nan
+            fix = loc.localize(images[i % len(images)], heading_deg=heading)
+            for key in ('encoder', 'search', 'total'):
+                lat[key][i] = fix.latency_ms[key]
+            lat['graph'][i] = timer.elapsed
+            if (i + 1) % tenth == 0:
+                samples.append(_rss())
+        rss_end = _rss()  # before the statistics below allocate anything
+        back_to_back = timer.replay(frames)
+    finally:
+        timer.remove()
+    graph = lat.pop('graph')
     row = {key: _pct(v) for key, v in lat.items()}
+    if np.all(np.isfinite(graph)):  # every search ran in one graph call
+        row['search_split'] = {'graph': _pct(graph), 'python': _pct(lat['search'] - graph),
+                               'graph_back_to_back': _pct(back_to_back)}
     row['search_over_encoder_p50'] = row['search']['p50'] / row['encoder']['p50']
     row['rss_growth_bytes'] = rss_end - rss0
     row['rss_samples_bytes'] = samples
@@ -154,6 +165,56 @@ def _backend_latency(backend, bundle_path, model, frames, warmup, beam, threads)
         if len(samples) >= 2 else 0
     row['frames'] = frames
     return row, loc
+
+
+class _GraphTimer:
+    """Times the whole-search graph call inside each of a backend's searches.
+
+    It wraps the backend's ``search_graph`` (an instance attribute shadows the method until
+    :meth:`remove`), so the localizer runs as it does, and the rest of the search's time is
+    the Python around the graph. :meth:`replay` repeats the last call back to back, its
+    weights and code left in the caches by the call before.
+    """
+
+    def __init__(self, backend):
+        self.backend = backend
+        self.elapsed = np.nan
+        self.last = None
+        self._graph = getattr(backend, 'search_graph', None)
+        if self._graph is not None:
+            backend.search_graph = self._search_graph
+
+    def _search_graph(self, width, level, starts=1):
+        run = self._graph(width, level, starts)
+        if run is None:
+            return None
+
+        def timed(*args):
+            t0 = time.perf_counter()
+            out = run(*args)
+            self.elapsed = (time.perf_counter() - t0) * 1e3
+            self.last = (run, args)
+            return out
+        timed.rows = run.rows
+        return timed
+
+    def replay(self, repeats):
+        """Return the last graph call's times in ms, repeated back to back (None if none)."""
+        if self.last is None:
+            return np.full(1, np.nan)
+        run, args = self.last
+        out = np.empty(repeats)
+        run(*args)
+        for i in range(repeats):
+            t0 = time.perf_counter()
+            run(*args)
+            out[i] = (time.perf_counter() - t0) * 1e3
+        return out
+
+    def remove(self):
+        """Give the backend its own ``search_graph`` back."""
+        if self._graph is not None:
+            del self.backend.search_graph
 
 
 def compute_cost(model_path, beam=8):
@@ -442,6 +503,12 @@ def _print(res):
               f'({r["rss_growth_second_half_bytes"] / 1e6:.1f} MB over the second half)')
     for name, why in res['unavailable'].items():
         print(f'{name:<12} unavailable: {why}')
+    for name, r in res['backends'].items():
+        split = r.get('search_split')
+        if split:
+            print(f'search of {name}, p50: the graph call {split["graph"]["p50"]:.2f} ms and the '
+                  f'Python around it {split["python"]["p50"]:.2f} ms; the same call back to '
+                  f'back {split["graph_back_to_back"]["p50"]:.2f} ms (caches warm)')
     c = res['compute']
     print(f'compute: encoder {c["encoder_mmac_per_frame"]:.1f} M multiply-adds per frame, '
           f'decoder {c["decoder_mmac_per_search"]:.1f} M per search ({c["embed_dim"]} floats, '

@@ -293,6 +293,7 @@ class OnnxBackend(PolicyBackend):
 
 def _search_runner(sess, level):
     names = ['logp', 'x', 'y', 'paths', 'origin']
+    inputs = [i.name for i in sess.get_inputs()]
     shapes = {i.name: i.shape for i in sess.get_inputs()}
     # The roots graph takes a fixed number of start rows: fewer roots are padded with rows
     # whose log-probability is -inf (they never survive).
@@ -301,27 +302,22 @@ def _search_runner(sess, level):
     full = np.zeros(rows, np.float32)  # logp0 of as many roots as rows: no padding
 
     def run(g, sat, actions, start, tokens, usable, geom):
-        n = len(sat)
-        feeds = {'g': np.ascontiguousarray(g, np.float32), 'sat': np.asarray(sat, np.float32),
-                 'start': np.asarray(start, np.int64), 'tokens': tokens, 'usable': usable,
-                 'geom': geom}
-        if level > 0:
-            feeds['actions'] = np.asarray(actions, np.int64)
-        if padded and n < rows:
-            logp0 = np.full(rows, -np.inf, np.float32)
-            logp0[:n] = 0.0
-            feeds['logp0'] = logp0
-            feeds['sat'] = np.concatenate([feeds['sat'], np.zeros((rows - n,) +
-                                                                  feeds['sat'].shape[1:],
-                                                                  np.float32)])
-            feeds['start'] = np.concatenate([feeds['start'],
-                                             np.repeat(feeds['start'][:1], rows - n, axis=0)])
-        elif padded:
-            feeds['logp0'] = full
+        # The arrays come as the search builds them: C-contiguous, float32 g and sat, int64
+        # actions, start and geom, so they are fed as they are.
+        given = {'g': g, 'sat': sat, 'actions': actions, 'start': start, 'tokens': tokens,
+                 'usable': usable, 'geom': geom}
+        if padded:
+            n = len(sat)
+            given['logp0'] = full
+            if n < rows:
+                given['logp0'] = np.full(rows, -np.inf, np.float32)
+                given['logp0'][:n] = 0.0
+                pad = np.zeros((rows - n,) + sat.shape[1:], np.float32)
+                given['sat'] = np.concatenate([sat, pad])
+                given['start'] = np.concatenate([start, np.repeat(start[:1], rows - n, 0)])
         # A graph that starts at the last token level never reads tokens or masks: the
         # export drops inputs nothing uses.
-        return sess.run(names, {k: np.ascontiguousarray(v) if k in ('sat', 'start') else v
-                                for k, v in feeds.items() if k in shapes})
+        return sess.run(names, {name: given[name] for name in inputs})
     run.rows = rows
     return run
 

@@ -2,6 +2,7 @@
 
 import json
 
+import numpy as np
 import pytest
 
 pytest.importorskip('torch')
@@ -9,7 +10,8 @@ pytest.importorskip('onnxruntime')
 pytest.importorskip('faiss')
 
 from geozoom_ros.ros.bench import make_small_world  # noqa: E402,I100
-from geozoom_ros.runtime.bench import run_bench, synthetic_bundle  # noqa: E402
+from geozoom_ros.runtime.bench import (  # noqa: E402
+    _frames, _GraphTimer, run_bench, synthetic_bundle)
 
 
 @pytest.fixture(scope='module')
@@ -34,8 +36,13 @@ def test_bench_reports_every_figure(world):
     if not torch.cuda.is_available():
         assert res['unavailable']['torch-cuda'] == \
             'backend torch-cuda: CUDA is not available here'
-    for row in res['backends'].values():
+    for name, row in res['backends'].items():
         _check_latency(row)
+        # Every search ran in one graph call (both backends have one for this policy), timed
+        # inside the search: the call and the Python around it split the search's time.
+        split = row['search_split']
+        assert 0 < split['graph']['p50'] <= row['search']['p95']
+        assert split['python']['p50'] > 0 and split['graph_back_to_back']['p50'] > 0
     if 'tensorrt' not in res['backends']:
         assert '\n' not in res['unavailable']['tensorrt']
     alloc = res['allocations']
@@ -59,6 +66,21 @@ def test_bench_reports_every_figure(world):
     analytic = c['decoder_tokens_per_search'] * layers * 12 * d * d / 1e6
     assert 0.9 * analytic < c['decoder_mmac_per_search'] < 1.5 * analytic
     json.dumps(res)
+
+
+def test_graph_timer_times_the_localizers_graph_call_and_gives_the_method_back(world):
+    from geozoom_ros.localizer import GeoZoomLocalizer
+
+    loc = GeoZoomLocalizer(world['bundle'], world['model'], backend='onnxruntime')
+    timer = _GraphTimer(loc.backend)
+    assert 'search_graph' in vars(loc.backend)
+    fix = loc.localize(_frames(1)[0])
+    assert 0 < timer.elapsed < fix.latency_ms['search']
+    again = timer.replay(3)
+    assert again.shape == (3,) and np.all(again > 0)
+    timer.remove()
+    assert 'search_graph' not in vars(loc.backend)
+    assert loc.backend.search_graph(8, 0) is not None  # the backend's own method again
 
 
 def test_synthetic_bundle_grows_with_area(world):
