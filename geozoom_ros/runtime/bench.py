@@ -199,7 +199,7 @@ class _GraphTimer:
         return timed
 
     def replay(self, repeats):
-        """Return the last graph call's times in ms, repeated back to back (None if none)."""
+        """Return the last graph call's times in ms, repeated back to back ([NaN] if none)."""
         if self.last is None:
             return np.full(1, np.nan)
         run, args = self.last

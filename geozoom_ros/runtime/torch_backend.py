@@ -137,12 +137,16 @@ class TorchBackend(PolicyBackend):
         if key not in self._graphs:
             from geozoom_ros.runtime.graphs import SearchGraph
 
-            self._graphs[key] = SearchGraph(self.model, int(level), int(width)).eval()
-        module = self._graphs[key]
+            self._graphs[key] = self._search_runner(SearchGraph(self.model, key[1], key[0]))
+        return self._graphs[key]
+
+    def _search_runner(self, module):
+        """Return ``run(g, sat, actions, start, tokens, usable, geom)`` for a search module."""
+        module.eval()
 
         def run(g, sat, actions, start, tokens, usable, geom):
             args = [self._to(g, torch.float32), self._to(sat, torch.float32)]
-            if level > 0:
+            if module.t > 0:
                 args.append(self._to(actions, torch.long))
             args += [self._to(start, torch.long), self._map_array(tokens),
                      self._map_array(usable), self._to(geom, torch.long)]
