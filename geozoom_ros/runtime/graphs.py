@@ -32,9 +32,26 @@ start path each came from). The W best paths are chosen over all start paths tog
 search); greedy search over several roots keeps one path per root and is not a graph.
 """
 
+import functools
+
 import torch
 
 from geozoom_ros.model.decoder import rope_tables, TYPE_GROUND
+
+
+@functools.lru_cache(maxsize=8)
+def _pair_swap(dh, dtype, device):
+    """Return the [dh, dh] matrix taking channel pairs (x1, x2) to (-x2, x1), made once.
+
+    Made once per device (not per call), so that a call inside a CUDA graph capture does no
+    host-to-device copy.
+    """
+    with torch.inference_mode(False):  # a plain tensor, usable by an export's trace as well
+        rot = torch.zeros(dh, dh, dtype=dtype, device=device)
+        idx = torch.arange(0, dh, 2, device=device)
+        rot[idx + 1, idx] = -1.0  # out[2i] = -x[2i + 1]
+        rot[idx, idx + 1] = 1.0   # out[2i + 1] = x[2i]
+    return rot
 
 
 def cached_blocks(dec, x, length, past_k=None, past_v=None):
@@ -53,16 +70,14 @@ def cached_blocks(dec, x, length, past_k=None, past_v=None):
     # (C = 1, S = 0): one rotation for all three.
     c = torch.stack((cos_i, cos_i, torch.ones_like(cos_i)))[:, None, None]
     s = torch.stack((sin_i, sin_i, torch.zeros_like(sin_i)))[:, None, None]
-    rot = torch.zeros(dh, dh, dtype=x.dtype)
-    idx = torch.arange(0, dh, 2)
-    rot[idx + 1, idx] = -1.0  # out[2i] = -x[2i + 1]
-    rot[idx, idx + 1] = 1.0   # out[2i + 1] = x[2i]
+    rot = _pair_swap(dh, x.dtype, x.device)
     # Causal mask as an additive constant (large, finite and negative); a single new token
     # sees every cached one and needs none.
     bias = None
     if new > 1:
-        allowed = torch.ones(new, length, dtype=torch.bool).tril(diagonal=length - new)
-        bias = torch.zeros(new, length, dtype=x.dtype).masked_fill(~allowed, -1e9)
+        allowed = torch.ones(new, length, dtype=torch.bool, device=x.device) \
+            .tril(diagonal=length - new)
+        bias = torch.zeros(new, length, dtype=x.dtype, device=x.device).masked_fill(~allowed, -1e9)
     keys, values = [], []
     for i, blk in enumerate(dec.blocks):
         b, n, dim = x.shape
@@ -89,7 +104,7 @@ def rotated_qkv(dec, position):
     """
     heads = dec.heads
     dh = dec.dim // heads
-    cos, sin = rope_tables(position + 1, dh, 'cpu')
+    cos, sin = rope_tables(position + 1, dh, dec.blocks[0].attn.qkv.weight.device)
     c = cos[position].view(1, 1, dh // 2, 1, 1)
     s = sin[position].view(1, 1, dh // 2, 1, 1)
     out = []
@@ -185,26 +200,27 @@ class SearchGraph(torch.nn.Module):
                     for lv in range(t + 1, self.steps)} if dec.fused else {}
 
     def forward(self, g, sat, *rest):
-        logp = torch.zeros(sat.shape[0])
+        dev = sat.device
+        logp = torch.zeros(sat.shape[0], device=dev)
         if self.roots:
             start, logp, tokens, usable, geom = rest
-            actions = torch.zeros((sat.shape[0], 0), dtype=torch.long)
+            actions = torch.zeros((sat.shape[0], 0), dtype=torch.long, device=dev)
         elif self.t > 0:
             actions, start, tokens, usable, geom = rest
         else:
             start, tokens, usable, geom = rest
-            actions = torch.zeros((sat.shape[0], 0), dtype=torch.long)
+            actions = torch.zeros((sat.shape[0], 0), dtype=torch.long, device=dev)
         dec, k, kk = self.m.decoder, self.k, self.k * self.k
         x = _first_tokens(dec, g.expand(sat.shape[0], -1), sat[:, 0])
         x, keys, values = cached_blocks(dec, x, dec.tokens_through(0))
         for s in range(1, self.t + 1):
             x = _step_tokens(dec, sat[:, s], actions[:, s - 1])
             x, keys, values = cached_blocks(dec, x, dec.tokens_through(s), keys, values)
-        ar = torch.arange(kk)
+        ar = torch.arange(kk, device=dev)
         offsets = torch.stack((ar % k, ar // k), dim=1)  # child (dx, dy), row-major
         xy = start
         # One start path: every surviving path comes from it (no gathers of the origin).
-        origin = torch.arange(start.shape[0]) if start.shape[0] > 1 else None
+        origin = torch.arange(start.shape[0], device=dev) if start.shape[0] > 1 else None
         paths = actions
         last = x.squeeze(1) if x.shape[1] == 1 else x[:, x.shape[1] - 1]
         for i, lv in enumerate(range(self.t, self.steps)):

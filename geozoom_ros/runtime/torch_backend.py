@@ -65,18 +65,56 @@ def _heading_args(runner, headings, n):
     return {runner._heading_kw: torch.tensor(values, dtype=torch.float32, device=runner.device)}
 
 
+class _CapturedCall:
+    """``fn(*inputs)`` captured once as a CUDA graph and replayed with new inputs.
+
+    At batch 1 an encoder pass or a whole search is hundreds of small kernels, and launching
+    them one by one from Python takes longer than running them; a captured graph launches them
+    all at once. The inputs are copied into the graph's own tensors, so each call must give
+    the shapes and dtypes of the capture. ``keep`` holds the tensors the graph reads besides
+    its inputs (a bundle's arrays on the device), so their memory is not reused while the
+    graph exists. The outputs are the graph's own tensors, overwritten by the next replay.
+    """
+
+    def __init__(self, fn, inputs, keep=()):
+        self.inputs = [t.clone() for t in inputs]
+        self.keep = tuple(keep)
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):  # lazy initialisation and library heuristics, outside the graph
+                fn(*self.inputs)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.outputs = fn(*self.inputs)
+
+    def __call__(self, *inputs):
+        for dst, src in zip(self.inputs, inputs):
+            dst.copy_(src)
+        self.graph.replay()
+        return self.outputs
+
+
 class TorchBackend(PolicyBackend):
     """A ZoomPolicy run by torch under ``torch.inference_mode``.
 
     Args:
         model_path: a model file written by ``geozoom train`` (safetensors + JSON config).
         device: 'cpu', 'cuda', 'cuda:N' or 'auto'.
+        cuda_graphs: on a CUDA device, capture the ground encoder and each search shape once
+            as a CUDA graph and replay it per frame (the same kernels, launched at once).
     """
 
     name = 'torch'
 
-    def __init__(self, model_path, device='cpu'):
+    #: Captured graphs kept (by call and input shapes); the oldest goes first.
+    MAX_CAPTURED = 32
+
+    def __init__(self, model_path, device='cpu', cuda_graphs=True):
         self.device = _device(device)
+        self.cuda_graphs = bool(cuda_graphs) and self.device.type == 'cuda'
+        self._captured = {}
         self.model, self.model_hash = _load(model_path, self.device)
         for attr in ('encode_ground', 'encode_map', 'step_logits'):
             if not hasattr(self.model, attr):
@@ -94,13 +132,33 @@ class TorchBackend(PolicyBackend):
     def _to(self, array, dtype):
         return torch.as_tensor(np.ascontiguousarray(array), dtype=dtype, device=self.device)
 
+    def _call(self, name, fn, inputs, keep=()):
+        """Return ``fn(*inputs)``, through a CUDA graph captured per name and input shapes."""
+        if not self.cuda_graphs:
+            return fn(*inputs)
+        key = (name, tuple((tuple(t.shape), t.dtype) for t in inputs),
+               tuple(t.data_ptr() for t in keep))
+        call = self._captured.get(key)
+        if call is None:
+            if len(self._captured) >= self.MAX_CAPTURED:
+                self._captured.pop(next(iter(self._captured)))
+            call = self._captured[key] = _CapturedCall(fn, inputs, keep)
+        return call(*inputs)
+
     def encode_ground(self, images, headings=None):
         """Encode camera frames (uint8 RGB) into float32 ``[B, D]`` (see PolicyBackend)."""
         images = check_images(images)
         with torch.inference_mode():
             x = self.model.preprocess_ground(images).to(self.device)
-            g = self.model.encode_ground(x, **self._heading_args(headings, len(images)))
-        return g.float().cpu().numpy()
+            kw = self._heading_args(headings, len(images))
+            if kw:
+                (name, heading), = kw.items()
+                g = self._call('ground-heading',
+                               lambda x, h: self.model.encode_ground(x, **{name: h}),
+                               [x, heading])
+            else:
+                g = self._call('ground', self.model.encode_ground, [x])
+            return g.float().cpu().numpy()
 
     def encode_map(self, images):
         """Encode north-up views (uint8 RGB) into float32 ``[B, D]`` (see PolicyBackend)."""
@@ -137,10 +195,11 @@ class TorchBackend(PolicyBackend):
         if key not in self._graphs:
             from geozoom_ros.runtime.graphs import SearchGraph
 
-            self._graphs[key] = self._search_runner(SearchGraph(self.model, key[1], key[0]))
+            self._graphs[key] = self._search_runner(SearchGraph(self.model, key[1], key[0]),
+                                                    ('search',) + key)
         return self._graphs[key]
 
-    def _search_runner(self, module):
+    def _search_runner(self, module, name):
         """Return ``run(g, sat, actions, start, tokens, usable, geom)`` for a search module."""
         module.eval()
 
@@ -148,10 +207,13 @@ class TorchBackend(PolicyBackend):
             args = [self._to(g, torch.float32), self._to(sat, torch.float32)]
             if module.t > 0:
                 args.append(self._to(actions, torch.long))
-            args += [self._to(start, torch.long), self._map_array(tokens),
-                     self._map_array(usable), self._to(geom, torch.long)]
+            args += [self._to(start, torch.long), self._to(geom, torch.long)]
+            maps = (self._map_array(tokens), self._map_array(usable))
+
+            def whole(*a):  # the bundle's arrays are not inputs: the same for every frame
+                return module(*a[:-1], *maps, a[-1])
             with torch.inference_mode():
-                return tuple(out.cpu().numpy() for out in module(*args))
+                return tuple(out.cpu().numpy() for out in self._call(name, whole, args, maps))
         run.rows = float('inf')  # any number of start paths
         return run
 
