@@ -76,7 +76,7 @@ class NodeParams:
     max_rate_hz: float = _p(5.0, 'most frames localised per second (Hz); newer frames replace '
                                  'waiting ones', low=0.0, low_open=True, high=1000.0)
 
-    min_confidence: float = _p(0.2, 'fixes below this confidence (0..1) are published as '
+    min_confidence: float = _p(0.6, 'fixes below this confidence (0..1) are published as '
                                     'NO_FIX', low=0.0, high=1.0)
     max_sigma_m: float = _p(150.0, 'fixes with a 1-sigma radius above this (metres) are '
                                    'published as NO_FIX', low=0.0, low_open=True)
