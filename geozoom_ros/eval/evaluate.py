@@ -401,7 +401,9 @@ def run_queries(bundle_path, model_path, queries, options):
     if method in ('zoom', 'zoom-beam'):
         from geozoom_ros.runtime import load_backend
 
-        backend = load_backend(options.backend, model_path, device=options.device)
+        width = {'beam': options.beam_width} if method == 'zoom-beam' else None
+        backend = load_backend(options.backend, model_path, defaults=width,
+                               device=options.device)
         bundle = load_bundle(bundle_path, backend)
         gs = np.zeros((n, bundle.embed_dim), np.float32)
         have_g = np.zeros(n, bool)

@@ -48,24 +48,28 @@ def _accepted(cls, kwargs):
     return {k: v for k, v in kwargs.items() if k in params}
 
 
-def load_backend(kind, model_path, **kwargs):
+def load_backend(kind, model_path, defaults=None, **kwargs):
     """Return a backend of ``kind`` ('torch', 'onnxruntime', 'tensorrt' or 'auto') for a model.
 
     'auto' takes the first backend of :data:`AUTO_ORDER` that loads. Keyword arguments go to the
     backend's constructor (e.g. ``device='cuda'`` for torch; with 'auto' each backend gets
-    those its constructor takes). A backend that cannot load raises
+    those its constructor takes). ``defaults`` (a dict) go to the backends whose constructor
+    takes them, under ``kwargs`` (e.g. the beam width the exported search graphs are built
+    for, which the torch backend does not need). A backend that cannot load raises
     :class:`BackendUnavailable` with one line saying why.
     """
+    defaults = defaults or {}
     if kind == 'auto':
         reasons = []
         for candidate in AUTO_ORDER:
             try:
                 cls = _backend_class(candidate)
-                return cls(model_path, **_accepted(cls, kwargs))
+                return cls(model_path, **_accepted(cls, {**defaults, **kwargs}))
             except BackendUnavailable as exc:
                 reasons.append(str(exc))
         raise BackendUnavailable('no backend could load: ' + '; '.join(reasons))
     if kind not in BACKENDS:
         raise ConfigError(f'backend {kind!r} is unknown; choose one of '
                           f'{", ".join(["auto", *BACKENDS])}')
-    return _backend_class(kind)(model_path, **kwargs)
+    cls = _backend_class(kind)
+    return cls(model_path, **{**_accepted(cls, defaults), **kwargs})

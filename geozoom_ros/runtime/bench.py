@@ -129,8 +129,9 @@ def _backend_latency(backend, bundle_path, model, frames, warmup, beam, threads)
             raise BackendUnavailable(f'backend {backend}: CUDA is not available here')
         # With CUDA graphs (the default), or eager: kernels launched one by one.
         kind, kwargs = 'torch', {'device': 'cuda', 'cuda_graphs': backend == 'torch-cuda'}
-    loc = GeoZoomLocalizer(bundle_path, model, backend=load_backend(kind, model, **kwargs),
-                           beam_width=beam)
+    # Exported search graphs of the width the search uses, as the localizer builds them.
+    backend = load_backend(kind, model, defaults={'beam': beam}, **kwargs)
+    loc = GeoZoomLocalizer(bundle_path, model, backend=backend, beam_width=beam)
     images = _frames(8)
     heading = 0.0 if loc.heading_input else None
     for i in range(warmup):

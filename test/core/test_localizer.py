@@ -173,3 +173,24 @@ def test_the_localizer_applies_calibration_json_beside_the_model(world, loc, tmp
     (model / 'calibration.json').write_text('{"format": "geozoom-calibration"')
     with pytest.raises(InputError, match='not readable JSON'):
         GeoZoomLocalizer(world['bundle'], model, backend=loc.backend)
+
+
+def test_the_exported_search_graphs_follow_the_beam_width(world, loc):
+    # 'auto' takes onnxruntime here: its whole-search graphs are exported for the localizer's
+    # beam width, so a beam search of that width is one graph call, not a step-by-step search.
+    pytest.importorskip('onnxruntime')
+    assert loc.backend.name == 'onnxruntime' and loc.backend.beam == 4
+    assert loc.backend.search_graph(4, 0) is not None
+    assert loc.backend.search_graph(8, 0) is None
+    # Greedy search needs no beam graphs (width 1 is always exported); an explicit backend
+    # option wins; the torch backend, which takes no width, still loads.
+    greedy = GeoZoomLocalizer(world['bundle'], world['policy'], backend='onnxruntime',
+                              method='zoom', beam_width=4, threads=1)
+    assert greedy.backend.beam == 8 and greedy.backend.search_graph(1, 0) is not None
+    explicit = GeoZoomLocalizer(world['bundle'], world['policy'], backend='onnxruntime',
+                                beam_width=4, beam=2, threads=1)
+    assert explicit.backend.beam == 2
+    on_torch = GeoZoomLocalizer(world['bundle'], world['policy'], backend='torch', beam_width=4)
+    assert on_torch.backend.name == 'torch'
+    img = _image(5)
+    assert on_torch.localize(img).cell == loc.localize(img).cell
