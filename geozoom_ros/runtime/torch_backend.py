@@ -140,9 +140,18 @@ class TorchBackend(PolicyBackend):
                tuple(t.data_ptr() for t in keep))
         call = self._captured.get(key)
         if call is None:
+            try:
+                call = _CapturedCall(fn, inputs, keep)
+            except RuntimeError as exc:  # an operation CUDA graphs cannot capture
+                self.cuda_graphs = False
+                first = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+                warnings.warn(f'CUDA graph capture failed ({first}); running the kernels one '
+                              'by one from now on', RuntimeWarning, stacklevel=2)
+                self._captured.clear()
+                return fn(*inputs)
             if len(self._captured) >= self.MAX_CAPTURED:
                 self._captured.pop(next(iter(self._captured)))
-            call = self._captured[key] = _CapturedCall(fn, inputs, keep)
+            self._captured[key] = call
         return call(*inputs)
 
     def encode_ground(self, images, headings=None):

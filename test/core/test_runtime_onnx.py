@@ -485,3 +485,26 @@ def test_cuda_graphs_replay_the_eager_results(layout, request):
             paths.add(want.hypotheses[0].path)
     assert len(paths) > 1  # different inputs, different answers: the replays saw them
     assert 0 < len(graphed._captured) <= TorchBackend.MAX_CAPTURED
+
+
+def test_a_failed_cuda_graph_capture_falls_back_to_eager(plain, monkeypatch):
+    # A capture that fails (an operation CUDA graphs cannot hold) must not fail the frame:
+    # the backend warns once and runs the kernels one by one from then on. Checked on the
+    # CPU by forcing the graph path and making the capture fail.
+    import geozoom_ros.runtime.torch_backend as tbm
+
+    backend = TorchBackend(plain['model'])
+    want = backend.encode_ground(_images(1))
+    g = np.random.default_rng(2).standard_normal(D).astype(np.float32)
+    want_path = beam(backend, plain['bundle'], g, width=8).hypotheses[0].path
+
+    def fail(*args, **kwargs):
+        raise RuntimeError('operation not permitted when stream is capturing\nmore detail')
+    monkeypatch.setattr(tbm, '_CapturedCall', fail)
+    backend.cuda_graphs = True
+    with pytest.warns(RuntimeWarning, match='CUDA graph capture failed .operation not '
+                                            'permitted when stream is capturing.; running'):
+        got = backend.encode_ground(_images(1))
+    np.testing.assert_array_equal(got, want)
+    assert backend.cuda_graphs is False and not backend._captured
+    assert beam(backend, plain['bundle'], g, width=8).hypotheses[0].path == want_path
