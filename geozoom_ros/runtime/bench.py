@@ -60,10 +60,11 @@ def register(bench_sub):
                    help='map areas in km2 for the scaling benchmark (1,100,10000)')
     p.add_argument('--threads', type=int, default=1, help='CPU threads per backend (1)')
     p.add_argument('--beam', type=int, default=8, help='beam width (8)')
-    p.add_argument('--backends', default='torch,onnxruntime,tensorrt',
-                   help='backends to try (those that cannot load are reported and skipped); '
-                        'torch-cuda runs the torch backend on the GPU with CUDA graphs, '
-                        'torch-cuda-eager without them')
+    p.add_argument('--backends', default='torch,torch-cuda,onnxruntime,tensorrt',
+                   help='backends to try (those that cannot load are reported and skipped; '
+                        'default torch,torch-cuda,onnxruntime,tensorrt); torch-cuda runs the '
+                        'torch backend on the GPU with CUDA graphs, torch-cuda-eager without '
+                        'them')
     p.add_argument('--json', action='store_true', help='print the figures as JSON')
     p.set_defaults(func=_run)
 
@@ -465,8 +466,8 @@ def _faiss_times(faiss, gallery, q, nlist, rng, repeats):
 
 
 def run_bench(model=None, bundle=None, frames=100, warmup=5, areas=(1, 100, 10000), threads=1,
-              beam=8, backends=('torch', 'onnxruntime', 'tensorrt'), scaling_repeats=50,
-              folder=None):
+              beam=8, backends=('torch', 'torch-cuda', 'onnxruntime', 'tensorrt'),
+              scaling_repeats=50, folder=None):
     """Run the benchmark; return a dict of measured figures (see the module docstring)."""
     import torch
 
