@@ -117,7 +117,6 @@ def _prepare(folder, model=None, bundle=None):
 
 def _backend_latency(backend, bundle_path, model, frames, warmup, beam, threads):
     from geozoom_ros.localizer import GeoZoomLocalizer
-    from geozoom_ros.runtime import load_backend
 
     kind, kwargs = backend, {}
     if backend == 'onnxruntime':
@@ -130,9 +129,8 @@ def _backend_latency(backend, bundle_path, model, frames, warmup, beam, threads)
             raise BackendUnavailable(f'backend {backend}: CUDA is not available here')
         # With CUDA graphs (the default), or eager: kernels launched one by one.
         kind, kwargs = 'torch', {'device': 'cuda', 'cuda_graphs': backend == 'torch-cuda'}
-    # Exported search graphs of the width the search uses, as the localizer builds them.
-    backend = load_backend(kind, model, defaults={'beam': beam}, **kwargs)
-    loc = GeoZoomLocalizer(bundle_path, model, backend=backend, beam_width=beam)
+    # The localizer loads the backend, with exported search graphs of its beam width.
+    loc = GeoZoomLocalizer(bundle_path, model, backend=kind, beam_width=beam, **kwargs)
     images = _frames(8)
     heading = 0.0 if loc.heading_input else None
     for i in range(warmup):
