@@ -16,7 +16,8 @@ OUT gets the same layout, smaller:
 - ``map.mbtiles`` with its JPEG tiles re-encoded at ``--map-quality`` (other tiles as they are);
 - ``index.csv`` with the new image sizes.
 
-Each file is written under a temporary name and renamed. Split OUT into parts that fit a
+OUT is built in a temporary folder beside it and renamed into place when complete, so a
+failure leaves no partial copy; an existing OUT is refused. Split OUT into parts that fit a
 transfer with ``tar`` (e.g. ``tar cf part1.tar -T list1``) and join them where it lands.
 """
 
@@ -26,13 +27,13 @@ from pathlib import Path
 import shutil
 import sqlite3
 import sys
+import tempfile
 
 import cv2
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from geozoom_ros.errors import InputError  # noqa: E402
-from geozoom_ros.fileio import atomic_write  # noqa: E402
 
 #: The splits a training run reads pixels of.
 PIXEL_SPLITS = ('train', 'val')
@@ -49,11 +50,18 @@ def _size(text):
     return w, h
 
 
-def _write_jpeg(img, path, quality):
-    ok, data = cv2.imencode('.jpg', img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-    if not ok:
-        raise InputError(f'{path}: JPEG encoding failed')
-    atomic_write(path, lambda tmp: Path(tmp).write_bytes(data.tobytes()))
+def _quality(text):
+    try:
+        q = int(text)
+    except ValueError:
+        q = -1
+    if not 1 <= q <= 100:
+        raise argparse.ArgumentTypeError(f'{text!r}: give a JPEG quality from 1 to 100')
+    return q
+
+
+def _jpeg(img, quality):
+    return cv2.imencode('.jpg', img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])[1].tobytes()
 
 
 def pack_ground(index, out_dir, size, quality):
@@ -67,54 +75,52 @@ def pack_ground(index, out_dir, size, quality):
     counts = {'full': 0, 'thumbnail': 0}
     for r in rows:
         src = index.parent / r['path']
-        img = cv2.imread(str(src), cv2.IMREAD_COLOR)
+        img = cv2.imdecode(np.fromfile(src, np.uint8), cv2.IMREAD_COLOR) \
+            if src.is_file() else None
         if img is None:
             raise InputError(f'{src}: missing or unreadable image (line of {r["path"]} in '
                              f'{index}); repair the world or remake it')
         full = r['split'] in PIXEL_SPLITS
         wh = size if full else THUMBNAIL
         img = cv2.resize(img, wh, interpolation=cv2.INTER_AREA)
-        _write_jpeg(img, Path(out_dir) / r['path'], quality if full else 50)
+        dst = Path(out_dir) / r['path']
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        dst.write_bytes(_jpeg(img, quality if full else 50))
         counts['full' if full else 'thumbnail'] += 1
         if 'width' in r:
             r['width'], r['height'] = wh
-
-    def write(tmp):
-        with open(tmp, 'w', newline='') as f:
-            w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
-            w.writeheader()
-            w.writerows(rows)
-
-    atomic_write(Path(out_dir) / 'index.csv', write)
+    with open(Path(out_dir) / 'index.csv', 'w', newline='') as f:
+        w = csv.DictWriter(f, fieldnames=list(rows[0].keys()))
+        w.writeheader()
+        w.writerows(rows)
     return counts
 
 
 def pack_map(src, dst, quality):
     """Copy MBTiles ``src`` to ``dst`` with its JPEG tiles re-encoded; return tiles re-encoded."""
-    done = []
-
-    def write(tmp):
-        shutil.copyfile(src, tmp)
-        conn = sqlite3.connect(tmp)
-        try:
-            rows = conn.execute('SELECT zoom_level, tile_column, tile_row, tile_data '
-                                'FROM tiles').fetchall()
-            for z, x, y, data in rows:
-                if bytes(data[:3]) != b'\xff\xd8\xff':  # PNG/WebP (alpha) stay as they are
-                    continue
-                img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
-                ok, enc = cv2.imencode('.jpg', img, [cv2.IMWRITE_JPEG_QUALITY, int(quality)])
-                conn.execute('UPDATE tiles SET tile_data = ? WHERE zoom_level = ? AND '
-                             'tile_column = ? AND tile_row = ?', (enc.tobytes(), z, x, y))
-                done.append((z, x, y))
-            conn.commit()
-            conn.execute('VACUUM')
-        except sqlite3.DatabaseError as exc:
-            raise InputError(f'{src}: not a readable MBTiles file ({exc})') from None
-        finally:
-            conn.close()
-    atomic_write(dst, write)
-    return len(done)
+    shutil.copyfile(src, dst)
+    n = 0
+    conn = sqlite3.connect(dst)
+    try:
+        rows = conn.execute('SELECT zoom_level, tile_column, tile_row, tile_data '
+                            'FROM tiles').fetchall()
+        for z, x, y, data in rows:
+            if bytes(data[:3]) != b'\xff\xd8\xff':  # PNG/WebP (alpha) stay as they are
+                continue
+            img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_COLOR)
+            if img is None:
+                raise InputError(f'{src}: tile {z}/{x}/{y} does not decode; check the map '
+                                 'with geozoom tiles verify')
+            conn.execute('UPDATE tiles SET tile_data = ? WHERE zoom_level = ? AND '
+                         'tile_column = ? AND tile_row = ?', (_jpeg(img, quality), z, x, y))
+            n += 1
+        conn.commit()
+        conn.execute('VACUUM')
+    except sqlite3.DatabaseError as exc:
+        raise InputError(f'{src}: not a readable MBTiles file ({exc})') from None
+    finally:
+        conn.close()
+    return n
 
 
 def main(argv=None):
@@ -123,20 +129,27 @@ def main(argv=None):
     p.add_argument('out', type=Path, help='the compact copy (created)')
     p.add_argument('--ground-size', type=_size, default=(147, 110),
                    help='training/validation views, WIDTHxHEIGHT (147x110)')
-    p.add_argument('--quality', type=int, default=70, help='their JPEG quality (70)')
-    p.add_argument('--map-quality', type=int, default=60, help='map tiles JPEG quality (60)')
+    p.add_argument('--quality', type=_quality, default=70, help='their JPEG quality (70)')
+    p.add_argument('--map-quality', type=_quality, default=60,
+                   help='map tiles JPEG quality (60)')
     args = p.parse_args(argv)
     try:
         for name in ('map.mbtiles', 'ground/index.csv'):
             if not (args.world / name).is_file():
                 raise InputError(f'{args.world / name} does not exist; pass a folder written '
                                  'by geozoom world make')
-        if args.out.resolve() == args.world.resolve():
-            raise InputError(f'{args.out}: the copy must go to another folder')
-        counts = pack_ground(args.world / 'ground/index.csv', args.out / 'ground',
-                             args.ground_size, args.quality)
-        tiles = pack_map(args.world / 'map.mbtiles', args.out / 'map.mbtiles',
-                         args.map_quality)
+        if args.out.exists():
+            raise InputError(f'{args.out} already exists; remove it or name another folder')
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f'.{args.out.name}.', dir=args.out.parent))
+        try:
+            counts = pack_ground(args.world / 'ground/index.csv', tmp / 'ground',
+                                 args.ground_size, args.quality)
+            tiles = pack_map(args.world / 'map.mbtiles', tmp / 'map.mbtiles',
+                             args.map_quality)
+            tmp.rename(args.out)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
     except InputError as exc:
         print(f'pack_world: {exc}', file=sys.stderr)
         return 2

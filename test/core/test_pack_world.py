@@ -74,6 +74,25 @@ def test_pack_keeps_training_pixels_and_only_the_positions_of_held_out_views(tmp
             assert ta.shape == tb.shape
             assert 0 < np.abs(ta.astype(int) - tb.astype(int)).mean() < 12
     assert not list(out.rglob('*.tmp'))
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['packed', 'world']  # no temp folder
+    # An existing copy is never overwritten.
+    res = _run(world, out)
+    assert res.returncode == 2 and 'already exists' in res.stderr
+
+
+def test_a_corrupt_tile_is_one_line_and_leaves_no_partial_copy(tmp_path):
+    world = tmp_path / 'world'
+    world.mkdir()
+    _world(world)
+    conn = sqlite3.connect(world / 'map.mbtiles')
+    conn.execute("UPDATE tiles SET tile_data = X'FFD8FF00' WHERE tile_column = 1 AND "
+                 "tile_row = 0")
+    conn.commit()
+    conn.close()
+    res = _run(world, tmp_path / 'packed')
+    assert res.returncode == 2
+    assert res.stderr.strip().count('\n') == 0 and 'tile 1/1/0 does not decode' in res.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ['world']
 
 
 def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
@@ -84,3 +103,5 @@ def test_bad_input_is_one_line_and_writes_nothing(tmp_path):
     assert not (tmp_path / 'out').exists()
     res = _run(tmp_path, tmp_path / 'out', '--ground-size', '147')
     assert res.returncode == 2 and "'147': give WIDTHxHEIGHT" in res.stderr
+    res = _run(tmp_path, tmp_path / 'out', '--quality', '500')
+    assert res.returncode == 2 and "'500': give a JPEG quality from 1 to 100" in res.stderr
