@@ -524,7 +524,8 @@ def _print(res):
     c = res['compute']
     print(f'compute: encoder {c["encoder_mmac_per_frame"]:.1f} M multiply-adds per frame, '
           f'decoder {c["decoder_mmac_per_search"]:.1f} M per search ({c["embed_dim"]} floats, '
-          f'{c["decoder_layers"]} layers, {c["decoder_tokens_per_search"]} tokens): '
+          f'{c["decoder_layers"]} layer{"s" if c["decoder_layers"] != 1 else ""}, '
+          f'{c["decoder_tokens_per_search"]} tokens): '
           f'{c["decoder_over_encoder"]:.2f} of the encoder')
     a = res['allocations']
     print(f'allocations ({a["backend"]}, after warm-up): peak '

@@ -30,9 +30,9 @@ import torch.nn.functional as F
 
 from geozoom_ros.errors import ConfigError, InputError
 from geozoom_ros.model.config import TrainConfig, TrainPreset
-from geozoom_ros.model.io import load_model, model_hash, save_model
+from geozoom_ros.model.io import CONFIG_FILE, load_model, model_hash, save_model
 from geozoom_ros.train.data import softmax_mask
-from geozoom_ros.train.loop import (augment_ground, augment_map, load_data,
+from geozoom_ros.train.loop import (augment_ground, augment_map, CHECKPOINT_FILE, load_data,
                                     smoothed_masked_ce, validate)
 
 #: Images encoded per forward pass while caching tokens.
@@ -253,6 +253,10 @@ def run_from_args(args):
     if Path(args.output).resolve() == Path(args.teacher).resolve():
         raise InputError(f'-o {args.output}: is the teacher\'s folder; write the student to '
                          'another one')
+    for name in (CONFIG_FILE, CHECKPOINT_FILE):
+        if (Path(args.output) / name).exists():
+            raise InputError(f'-o {args.output}: already holds a model or training run '
+                             f'({name}); choose another folder')
     out, report = distill(args.teacher, list(zip(maps, datas)), args.output, args.layers,
                           args.passes, args.steps, args.batch_size, args.lr, args.kd_weight,
                           args.seed, args.threads, progress=not args.quiet)

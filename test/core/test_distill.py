@@ -119,7 +119,8 @@ def test_cli_distils_and_refuses_bad_requests_in_one_line(teacher, tmp_path, cap
     for extra, needle in ((['--layers', '3'], 'teacher has 2'),
                           (['--steps', '0'], '--steps 0'),
                           (['--kd-weight', '-1'], '--kd-weight'),
-                          (['-o', str(path)], "teacher's folder")):
+                          (['-o', str(path)], "teacher's folder"),
+                          (['-o', str(tmp_path / 's')], 'already holds a model')):
         args = base + (['-o', str(tmp_path / 'x')] if '-o' not in extra else []) + extra
         rc = geozoom_main(args)
         err = capsys.readouterr().err
