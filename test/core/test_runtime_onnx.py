@@ -34,12 +34,12 @@ TOL = 1e-4
 K, STEPS, ROOT_Z, D = 4, 3, 14, 32
 
 
-def _policy(folder, heading=False, seed=0, head='linear', tokens='interleaved'):
+def _policy(folder, heading=False, seed=0, head='linear', tokens='interleaved', layers=2):
     torch.set_num_threads(1)
     torch.manual_seed(seed)
     cfg = PolicyConfig(embed_dim=D, grid_k=K, steps=STEPS, root_zoom=ROOT_Z, view_size=32,
-                       ground_size=(48, 32), decoder_layers=2, decoder_heads=4, dropout=0.0,
-                       heading_input=heading, action_head=head, match_dim=8,
+                       ground_size=(48, 32), decoder_layers=layers, decoder_heads=4,
+                       dropout=0.0, heading_input=heading, action_head=head, match_dim=8,
                        decoder_tokens=tokens)
     model = ZoomPolicy(cfg, pretrained=False).eval()
     with torch.no_grad():
@@ -89,8 +89,8 @@ def _prefixes(rng, batches):
                    rng.integers(0, K * K, (n, t)))
 
 
-def _backends(root, tokens='interleaved'):
-    model = _policy(root / 'model', tokens=tokens)
+def _backends(root, tokens='interleaved', layers=2):
+    model = _policy(root / 'model', tokens=tokens, layers=layers)
     tb = TorchBackend(model)
     ob = OnnxBackend(model, threads=1)
     bundle = _bundle(root / 'bundle', tb.model_hash)
@@ -105,6 +105,12 @@ def plain(tmp_path_factory):
 @pytest.fixture(scope='module')
 def fused(tmp_path_factory):
     return _backends(tmp_path_factory.mktemp('rt-fused'), tokens='fused')
+
+
+@pytest.fixture(scope='module')
+def fused_one_layer(tmp_path_factory):
+    # The shipped model's decoder: one block over the fused sequence.
+    return _backends(tmp_path_factory.mktemp('rt-fused-l1'), tokens='fused', layers=1)
 
 
 def test_numpy_preprocessing_equals_torch(plain):
@@ -202,17 +208,19 @@ def _assert_same_search(tb, ob, bundle, gs):
     assert len(paths) > 1  # the tokens lead to different paths: parity is not vacuous
 
 
-def test_fused_layout_cache_holds_one_token_per_step_and_matches_torch(fused):
-    model, tb, ob = fused['model'], fused['torch'], fused['onnx']
+@pytest.mark.parametrize('layout,layers', [('fused', 2), ('fused_one_layer', 1)])
+def test_fused_layout_cache_holds_one_token_per_step_and_matches_torch(layout, layers, request):
+    backends = request.getfixturevalue(layout)
+    model, tb, ob = backends['model'], backends['torch'], backends['onnx']
     for name in ('kv_1', 'kv_2'):
         shapes = _io_shapes(onnx.load(str(model / 'onnx' / ob.manifest['files'][name])).graph)
         t = int(name[3])
-        assert shapes['past_k'] == [2, 8, 4, t + 1, D // 4]
-        assert shapes['keys'] == [2, 8, 4, t + 2, D // 4]
+        assert shapes['past_k'] == [layers, 8, 4, t + 1, D // 4]
+        assert shapes['keys'] == [layers, 8, 4, t + 2, D // 4]
     for g, sat, acts in _prefixes(np.random.default_rng(4), (1, 8, 11)):
         np.testing.assert_allclose(ob.step_logits(g, sat, acts),
                                    tb.step_logits(g, sat, acts), atol=TOL, rtol=0)
-    _assert_same_search(tb, ob, fused['bundle'],
+    _assert_same_search(tb, ob, backends['bundle'],
                         np.random.default_rng(6).standard_normal((6, D)))
 
 
@@ -345,7 +353,7 @@ def test_kv_cache_serves_the_search_without_recomputation(plain, monkeypatch):
     assert calls == list(range(STEPS))
 
 
-@pytest.mark.parametrize('layout', ['plain', 'fused'])
+@pytest.mark.parametrize('layout', ['plain', 'fused', 'fused_one_layer'])
 @pytest.mark.parametrize('backend', ['onnx', 'torch'])
 def test_whole_search_graph_equals_the_stepwise_search(backend, layout, request, monkeypatch):
     # The fused layout's graphs run later steps through single-token blocks (rotation folded
