@@ -346,7 +346,10 @@ class Bundle:
             return
         want = backend_or_hash if isinstance(backend_or_hash, str) else \
             backend_or_hash.model_hash
-        if want != self.model_hash:
+        # A model with the same map side (e.g. a distilled decoder) makes the same bundle.
+        same_map = getattr(backend_or_hash, 'map_hash', None)
+        same_map = same_map is not None and same_map == self.manifest['model'].get('map_hash')
+        if want != self.model_hash and not same_map:
             m = self.manifest
             raise MismatchError(
                 f'bundle {self.path} was built for model {self.model_hash[:8]}, not '
@@ -600,13 +603,16 @@ def _encode_cells(cells, render, encode, out, batch_size, progress, desc, covera
     bar.close()
 
 
-def _existing_matches(out_dir, map_sha, model_hash, retrieval_hash):
+def _existing_matches(out_dir, map_sha, backend, retrieval_hash):
     try:
         manifest = _read_manifest(out_dir)
     except InputError:
         return False
     have_r = (manifest.get('retrieval') or {}).get('model_hash')
-    return (manifest['map'].get('sha256') == map_sha and manifest['model']['hash'] == model_hash
+    model = manifest['model']
+    same_model = model['hash'] == backend.model_hash or \
+        (backend.map_hash is not None and model.get('map_hash') == backend.map_hash)
+    return (manifest['map'].get('sha256') == map_sha and same_model
             and (retrieval_hash is None or have_r == retrieval_hash)
             and (out_dir / TOKENS_FILE).is_file())
 
@@ -622,7 +628,8 @@ def build_bundle(map_path, model_path, out_dir, batch_size=32, progress=True,
     centred on the cell, of side ``max(cell size, context_m)`` metres (default: the retrieval
     model's training context, about 100 m); a heading-aligned retrieval model also gets the
     terminal cells' crops at 8 headings. A bundle already at ``out_dir`` for the same map and
-    models is reused unless ``overwrite`` (and its policy tokens are reused when only retrieval
+    models (or a policy with the same map side, :func:`geozoom_ros.model.io.map_hash`) is
+    reused unless ``overwrite`` (and its policy tokens are reused when only retrieval
     embeddings are added); anything else there that is a bundle is replaced atomically once the
     new one is complete.
     """
@@ -637,7 +644,7 @@ def build_bundle(map_path, model_path, out_dir, batch_size=32, progress=True,
     backend = TorchBackend(model_path, device=device)
     retr = TorchRetrieval(retrieval_model, device=device) if retrieval_model else None
     map_sha = file_sha256(map_path)
-    if not overwrite and _existing_matches(out_dir, map_sha, backend.model_hash,
+    if not overwrite and _existing_matches(out_dir, map_sha, backend,
                                            retr.model_hash if retr else None):
         return out_dir
     store = open_store(map_path)
@@ -653,7 +660,7 @@ def build_bundle(map_path, model_path, out_dir, batch_size=32, progress=True,
     tmp = _tmp_sibling(out_dir, 'tmp')
     shutil.rmtree(tmp, ignore_errors=True)
     # Policy tokens of the same map and model are reused when only retrieval is added.
-    reuse = not overwrite and _existing_matches(out_dir, map_sha, backend.model_hash, None) \
+    reuse = not overwrite and _existing_matches(out_dir, map_sha, backend, None) \
         and (out_dir / COVERAGE_FILE).is_file()
     tmp.mkdir()
     try:
@@ -687,8 +694,8 @@ def build_bundle(map_path, model_path, out_dir, batch_size=32, progress=True,
         extra = {
             'grid_k': k, 'steps': steps, 'root_zoom': root_zoom, 'view_size': view_size,
             'map': {'path': str(map_path), 'sha256': map_sha, 'bounds': list(bounds)},
-            'model': {'hash': backend.model_hash, 'path': str(model_path),
-                      'encoder': getattr(cfg, 'encoder', None)},
+            'model': {'hash': backend.model_hash, 'map_hash': backend.map_hash,
+                      'path': str(model_path), 'encoder': getattr(cfg, 'encoder', None)},
             'keys': keys_info,
         }
         manifest = _manifest(levels, d, extra, ret_info)

@@ -15,8 +15,9 @@ def register(sub):
     p = sub.add_parser('index', help='encode every map view a model can visit into a bundle',
                        description='Encode every cell view the zoom policy can visit over a map '
                                    'into a map bundle (manifest + memory-mapped float16 '
-                                   'tokens). Re-running with the same map and model reuses '
-                                   'the bundle.')
+                                   'tokens). Re-running with the same map and model, or a '
+                                   'model with the same map encoder (a decoder distilled '
+                                   'from it), reuses the bundle.')
     p.add_argument('--map', required=True, metavar='MAP.mbtiles', help='the tile pyramid')
     p.add_argument('--model', required=True, metavar='MODEL', help='the zoom-policy model folder')
     p.add_argument('-o', '--output', required=True, metavar='BUNDLE', help='bundle directory')

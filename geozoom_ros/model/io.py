@@ -53,6 +53,42 @@ def model_hash(path):
     return file_sha256(f)
 
 
+#: Tensors a map bundle's contents are made from: the image encoder and the map head (the
+#: tokens), and a match head's key projection (the keys).
+MAP_SIDE_PREFIXES = ('encoder.', 'map_head.', 'decoder.key.', 'decoder.key_norm.')
+#: Settings a map bundle's contents depend on.
+MAP_SIDE_CONFIG = ('encoder', 'embed_dim', 'view_size', 'map_pool', 'grid_k', 'steps',
+                   'root_zoom', 'action_head', 'match_dim')
+
+
+def map_hash(path):
+    """Return the sha256 (hex) of what a map bundle made with this zoom policy depends on.
+
+    That is the map side of the model (:data:`MAP_SIDE_PREFIXES` tensors, names, shapes and
+    bytes, and the :data:`MAP_SIDE_CONFIG` settings), not its decoder: two models that share
+    it, such as a decoder distilled with ``geozoom distill`` and its teacher, make the same
+    bundle, so a bundle built for one serves the other.
+    """
+    from safetensors import safe_open
+
+    d = _model_dir(path)
+    cfg = read_model_config(d).get('config', {})
+    h = hashlib.sha256(json.dumps({k: cfg.get(k) for k in MAP_SIDE_CONFIG},
+                                  sort_keys=True).encode())
+    f = d / MODEL_FILE
+    try:
+        with safe_open(str(f), framework='numpy') as st:
+            for name in sorted(st.keys()):
+                if name.startswith(MAP_SIDE_PREFIXES):
+                    t = st.get_tensor(name)
+                    h.update(f'{name}|{t.dtype}|{t.shape}'.encode())
+                    h.update(t.tobytes())
+    except Exception as exc:  # noqa: B902 - safetensors raises its own error types
+        raise InputError(f'{f}: not a readable safetensors file ({exc}); re-train or re-copy '
+                         'the model') from None
+    return h.hexdigest()
+
+
 def save_model(model, out_dir, extra_meta=None):
     """Save ``model`` (ZoomPolicy or RetrievalModel) into ``out_dir``; return the folder.
 

@@ -22,11 +22,15 @@ class PolicyBackend(abc.ABC):
             ``embed_dim``, ``view_size``, ``ground_size`` and ``heading_input``.
         model_hash: the content hash of the model file (as ``model.io.model_hash``), used to
             check that a map bundle belongs to this model.
+        map_hash: the hash of the model's map side (as ``model.io.map_hash``): a bundle built
+            for another model with the same map side (e.g. a distilled decoder's teacher) is
+            accepted too.
     """
 
     name = 'abstract'
     config = None
     model_hash = None
+    map_hash = None
 
     @abc.abstractmethod
     def encode_ground(self, images, headings=None):

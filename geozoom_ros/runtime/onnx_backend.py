@@ -76,7 +76,7 @@ class OnnxBackend(PolicyBackend):
             raise BackendUnavailable("backend 'onnxruntime' cannot load: the onnxruntime "
                                      'package is not installed') from None
         from geozoom_ros.model.config import PolicyConfig
-        from geozoom_ros.model.io import model_hash, read_model_config
+        from geozoom_ros.model.io import map_hash, model_hash, read_model_config
 
         mdir = model_dir(model_path)
         cfg = read_model_config(mdir)
@@ -85,6 +85,7 @@ class OnnxBackend(PolicyBackend):
                              'a ZoomPolicy model folder')
         self.model_path = os.fspath(model_path)
         self.model_hash = model_hash(mdir)
+        self.map_hash = map_hash(mdir)
         self.config = PolicyConfig.from_dict(cfg['config'], f'{mdir}: config')
         if onnx_dir is None:
             onnx_dir = mdir / 'onnx'

@@ -131,6 +131,7 @@ class TensorRTBackend(PolicyBackend):
         self._ort = OnnxBackend(model_path, providers=['CPUExecutionProvider'], threads=1,
                                 onnx_dir=onnx_dir, beam=beam, decoder='per-step')
         self.config, self.model_hash = self._ort.config, self._ort.model_hash
+        self.map_hash = self._ort.map_hash
         paths = build_engines(self._ort.onnx_dir, self.model_hash, fp16)
         runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
         self._engines = {name: _Engine(trt, runtime, p) for name, p in paths.items()}

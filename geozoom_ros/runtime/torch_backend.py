@@ -120,6 +120,8 @@ class TorchBackend(PolicyBackend):
             if not hasattr(self.model, attr):
                 raise InputError(f'model {model_path} is a {type(self.model).__name__}, not a '
                                  'zoom policy; pass a ZoomPolicy model file')
+        from geozoom_ros.model.io import map_hash
+        self.map_hash = map_hash(model_path)
         self.config = self.model.config
         self.model_path = os.fspath(model_path)
         self._heading_kw = _heading_kw(self.model.encode_ground)

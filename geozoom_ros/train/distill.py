@@ -16,8 +16,10 @@ and trains a student decoder of fewer layers on them:
    side and stored in the student's ``config.json`` (``meta.distill``).
 
 With tokens cached, a step touches only the decoder, so a run takes minutes on a CPU. The
-student is a complete model folder (the teacher's encoders and heads, the new decoder); its
-calibration must be fitted again (``geozoom calibrate``), since its scores are its own.
+student is a complete model folder (the teacher's encoders and heads, the new decoder). Its map
+side is the teacher's (:func:`geozoom_ros.model.io.map_hash`), so a map bundle built for the
+teacher serves it without encoding the map again; its calibration must be fitted again
+(``geozoom calibrate``), since its scores are its own.
 """
 
 import copy

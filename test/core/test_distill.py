@@ -7,9 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from geozoom_ros.bundle import build_bundle, load_bundle
 from geozoom_ros.cli import main as geozoom_main
+from geozoom_ros.errors import MismatchError
 from geozoom_ros.model.config import TrainConfig, TrainPreset
-from geozoom_ros.model.io import load_model, model_hash
+from geozoom_ros.model.io import load_model, map_hash, model_hash, save_model
 from geozoom_ros.train.distill import cache_tokens, distill
 from geozoom_ros.train.loop import load_data, train
 
@@ -130,3 +132,28 @@ def test_cli_distils_and_refuses_bad_requests_in_one_line(teacher, tmp_path, cap
                        '--data', str(csv_path), '-o', str(tmp_path / 'y')])
     err = capsys.readouterr().err
     assert rc == 2 and 'none' in err and len(err.strip().splitlines()) == 1
+
+
+def test_teacher_bundle_serves_the_student_and_nothing_else(teacher, tmp_path):
+    path, tiles, csv_path = teacher
+    from geozoom_ros.runtime.onnx_backend import OnnxBackend
+    from geozoom_ros.runtime.torch_backend import TorchBackend
+
+    student, _ = distill(path, [(tiles, csv_path)], tmp_path / 'student', passes=1, steps=3,
+                         batch_size=8, progress=False)
+    assert model_hash(student) != model_hash(path) and map_hash(student) == map_hash(path)
+    bundle_dir = build_bundle(tiles, path, tmp_path / 'bundle', progress=False)
+    before = (bundle_dir / 'tokens.f16.npy').stat().st_mtime_ns
+    # The student's backends accept the teacher's bundle: its tokens are the same numbers.
+    for backend in (TorchBackend(student), OnnxBackend(student, threads=1)):
+        assert load_bundle(bundle_dir, backend).model_hash == model_hash(path)
+    # Indexing with the student reuses the bundle instead of encoding the map again.
+    assert build_bundle(tiles, student, bundle_dir, progress=False) == bundle_dir
+    assert (bundle_dir / 'tokens.f16.npy').stat().st_mtime_ns == before
+    # A model whose map head differs is refused in one line naming the bundle.
+    other = load_model(student)
+    with torch.no_grad():
+        other.map_head.mlp[0].bias.add_(0.01)
+    save_model(other, tmp_path / 'other')
+    with pytest.raises(MismatchError, match='was built for model'):
+        load_bundle(bundle_dir, TorchBackend(tmp_path / 'other'))
