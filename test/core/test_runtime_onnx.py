@@ -465,7 +465,7 @@ def test_search_graph_wider_than_one_step_keeps_every_path(plain, tmp_path, monk
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='CUDA is not available here')
-@pytest.mark.parametrize('layout', ['plain', 'fused'])
+@pytest.mark.parametrize('layout', ['plain', 'fused', 'fused_one_layer'])
 def test_cuda_graphs_replay_the_eager_results(layout, request):
     # Captured once per shape, then replayed with new inputs: every frame's answer must be
     # its own (the inputs are copied in), and equal to eager CUDA and to the CPU.
