@@ -66,6 +66,9 @@ def register(sub):
                         help='weight of the KL divergence from the teacher (0: labels only)')
     parser.add_argument('--seed', type=int, default=0)
     parser.add_argument('--threads', type=int, default=0, help='torch CPU threads (0: default)')
+    parser.add_argument('--device', default='cpu',
+                        help='cpu, cuda or auto: where the teacher encodes the cached tokens '
+                             'and validates (the student trains on the CPU)')
     parser.add_argument('--quiet', action='store_true', help='no progress output')
     parser.set_defaults(func=_distill)
 

@@ -11,7 +11,8 @@ from geozoom_ros.errors import ConfigError, InputError
 from geozoom_ros.runtime.base import check_images, PolicyBackend
 
 
-def _device(device):
+def resolve_device(device):
+    """Return the torch device named by ``device`` (auto, cpu, cuda, cuda:N), or raise."""
     if device in (None, 'auto'):
         return torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     try:
@@ -112,7 +113,7 @@ class TorchBackend(PolicyBackend):
     MAX_CAPTURED = 32
 
     def __init__(self, model_path, device='cpu', cuda_graphs=True):
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.cuda_graphs = bool(cuda_graphs) and self.device.type == 'cuda'
         self._captured = {}
         self.model, self.model_hash = _load(model_path, self.device)
@@ -257,7 +258,7 @@ class TorchRetrieval:
     name = 'torch'
 
     def __init__(self, model_path, device='cpu'):
-        self.device = _device(device)
+        self.device = resolve_device(device)
         self.model, self.model_hash = _load(model_path, self.device)
         for attr in ('embed_ground', 'embed_map'):
             if not hasattr(self.model, attr):

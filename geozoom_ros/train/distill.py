@@ -52,7 +52,7 @@ def _teacher_train_config(teacher, batch_size, seed):
 
 
 def cache_tokens(model, data, passes, gen, progress=True):
-    """Encode what decoder training reads, once, with the frozen encoders.
+    """Encode what decoder training reads, once, with the frozen encoders (on their device).
 
     Returns a dict: ``ground`` [passes, N, D] tokens of the N training views (pass 0
     unaugmented, the others under the training augmentation), ``cells`` [C, D] unaugmented
@@ -69,13 +69,14 @@ def cache_tokens(model, data, passes, gen, progress=True):
             index.setdefault((s.world, c), len(index))
     keys = list(index)
     out = {'cells': torch.empty(len(keys), cfg.embed_dim)}
+    dev = next(model.parameters()).device
     started = time.time()
     with torch.inference_mode():
         for i in range(0, len(keys), CACHE_BATCH):
             chunk = keys[i:i + CACHE_BATCH]
             imgs = np.stack([data.worlds[w].view(c, cfg.view_size) for w, c in chunk])
             out['cells'][i:i + len(chunk)] = model.encode_map(
-                augment_map(imgs, gen, tc, train=False)).float()
+                augment_map(imgs, gen, tc, train=False).to(dev)).float().cpu()
         n = len(data.train)
         out['ground'] = torch.empty(passes, n, cfg.embed_dim)
         for p in range(passes):
@@ -83,14 +84,14 @@ def cache_tokens(model, data, passes, gen, progress=True):
                 rows = range(i, min(n, i + CACHE_BATCH))
                 imgs = np.stack([data.ground_train(j) for j in rows])
                 x = augment_ground(imgs, cfg.ground_size, gen, tc, train=p > 0)
-                out['ground'][p, i:i + len(rows)] = model.encode_ground(x).float()
+                out['ground'][p, i:i + len(rows)] = model.encode_ground(x.to(dev)).float().cpu()
             if progress:
                 print(f'distill: ground tokens, pass {p + 1}/{passes} '
                       f'({time.time() - started:.0f} s)', file=sys.stderr)
         vimgs = data.val_bank if data.val else np.zeros((0, 1, 1, 3), np.uint8)
         out['val_ground'] = torch.cat(
             [model.encode_ground(augment_ground(vimgs[i:i + CACHE_BATCH], cfg.ground_size,
-                                                gen, tc, train=False)).float()
+                                                gen, tc, train=False).to(dev)).float().cpu()
              for i in range(0, len(vimgs), CACHE_BATCH)]) if len(vimgs) else \
             torch.empty(0, cfg.embed_dim)
 
@@ -146,10 +147,12 @@ def _lr_factor(step, total, warmup=0.03, final=0.05):
 
 
 def distill(teacher_path, pairs, out_dir, layers=1, passes=6, steps=3000, batch_size=256,
-            lr=1e-3, kd_weight=1.0, seed=0, threads=0, progress=True):
+            lr=1e-3, kd_weight=1.0, seed=0, threads=0, progress=True, device='cpu'):
     """Train a ``layers``-block student decoder on the teacher's frozen encoders; save it.
 
     ``pairs``: (map, data) pairs as for training, with the teacher's train/val splits.
+    ``device`` (cpu, cuda, auto) encodes the cached tokens and runs validation; the student
+    trains on the CPU (its steps touch only the small decoder).
     Returns ``(out_dir, report)`` where the report holds the settings and the teacher's and
     student's validation figures (also stored in ``config.json`` under ``meta.distill``).
     """
@@ -161,6 +164,8 @@ def distill(teacher_path, pairs, out_dir, layers=1, passes=6, steps=3000, batch_
             raise ConfigError(f'{name} {value}: must be at least {low}')
     if not lr > 0 or not kd_weight >= 0:
         raise ConfigError(f'--lr {lr} must be > 0 and --kd-weight {kd_weight} >= 0')
+    from geozoom_ros.runtime.torch_backend import resolve_device
+    dev = resolve_device(device)
     teacher = load_model(teacher_path)
     if teacher.kind != 'zoom_policy':
         raise InputError(f'{teacher_path}: a retrieval model has no decoder to distil; pass a '
@@ -181,8 +186,9 @@ def distill(teacher_path, pairs, out_dir, layers=1, passes=6, steps=3000, batch_
                          train=_teacher_train_config(teacher, batch_size, seed))
     data = load_data(pairs, preset, progress=progress)
     started = time.time()
-    c = cache_tokens(teacher, data, passes, gen, progress)
+    c = cache_tokens(teacher.to(dev), data, passes, gen, progress)
     cache_s = time.time() - started
+    teacher.cpu()
 
     student = student_decoder(teacher, layers)
     tdec = teacher.decoder.eval()
@@ -230,8 +236,9 @@ def distill(teacher_path, pairs, out_dir, layers=1, passes=6, steps=3000, batch_
               'lr': lr, 'kd_weight': kd_weight, 'seed': seed,
               'cache_seconds': round(cache_s, 1), 'train_seconds': round(train_s, 1)}
     if data.val:
-        report['teacher_val'] = validate(teacher, data, 'zoom', torch.device('cpu'))
-        report['val'] = validate(model, data, 'zoom', torch.device('cpu'))
+        report['teacher_val'] = validate(teacher.to(dev), data, 'zoom', dev)
+        report['val'] = validate(model.to(dev), data, 'zoom', dev)
+        model.cpu()
     meta = copy.deepcopy(teacher.meta)
     meta['distill'] = report
     if 'val' in report:
@@ -261,7 +268,8 @@ def run_from_args(args):
                              f'({name}); choose another folder')
     out, report = distill(args.teacher, list(zip(maps, datas)), args.output, args.layers,
                           args.passes, args.steps, args.batch_size, args.lr, args.kd_weight,
-                          args.seed, args.threads, progress=not args.quiet)
+                          args.seed, args.threads, progress=not args.quiet,
+                          device=args.device)
     if not args.quiet:
         for name in ('teacher_val', 'val'):
             v = report.get(name)

@@ -127,6 +127,10 @@ def test_cli_distils_and_refuses_bad_requests_in_one_line(teacher, tmp_path, cap
         rc = geozoom_main(args)
         err = capsys.readouterr().err
         assert rc == 2 and needle in err and len(err.strip().splitlines()) == 1, err
+    if not torch.cuda.is_available():
+        rc = geozoom_main(base + ['-o', str(tmp_path / 'x'), '--device', 'cuda'])
+        err = capsys.readouterr().err
+        assert rc == 2 and 'CUDA is not available' in err and len(err.strip().splitlines()) == 1
     assert not (tmp_path / 'x').exists()
     rc = geozoom_main(['distill', '--teacher', str(tmp_path / 'none'), '--map', str(tiles),
                        '--data', str(csv_path), '-o', str(tmp_path / 'y')])
