@@ -35,7 +35,7 @@ from geozoom_ros.model.config import TrainConfig, TrainPreset
 from geozoom_ros.model.io import CONFIG_FILE, load_model, model_hash, save_model
 from geozoom_ros.train.data import softmax_mask
 from geozoom_ros.train.loop import (augment_ground, augment_map, CHECKPOINT_FILE, load_data,
-                                    smoothed_masked_ce, validate)
+                                    map_data_pairs, smoothed_masked_ce, validate)
 
 #: Images encoded per forward pass while caching tokens.
 CACHE_BATCH = 128
@@ -251,14 +251,7 @@ def run_from_args(args):
     """Run ``geozoom distill`` from parsed arguments; return an exit status."""
     from pathlib import Path
 
-    maps, datas = args.map or [], args.data or []
-    if not maps or len(maps) != len(datas):
-        raise InputError(f'--map and --data must come in pairs (got {len(maps)} --map and '
-                         f'{len(datas)} --data)')
-    for m in maps:
-        if not Path(m).exists():
-            raise InputError(f'--map {m}: no such file or folder; pass an MBTiles file or XYZ '
-                             'tile folder')
+    pairs = map_data_pairs(args)
     if Path(args.output).resolve() == Path(args.teacher).resolve():
         raise InputError(f'-o {args.output}: is the teacher\'s folder; write the student to '
                          'another one')
@@ -266,7 +259,7 @@ def run_from_args(args):
         if (Path(args.output) / name).exists():
             raise InputError(f'-o {args.output}: already holds a model or training run '
                              f'({name}); choose another folder')
-    out, report = distill(args.teacher, list(zip(maps, datas)), args.output, args.layers,
+    out, report = distill(args.teacher, pairs, args.output, args.layers,
                           args.passes, args.steps, args.batch_size, args.lr, args.kd_weight,
                           args.seed, args.threads, progress=not args.quiet,
                           device=args.device)

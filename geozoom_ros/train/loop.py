@@ -928,8 +928,8 @@ def _preset_from_state(state):
 # --------------------------------------------------------------------------------------------
 # Entry points
 
-def run_from_args(args):
-    """Run ``geozoom train`` from parsed arguments; return an exit status."""
+def map_data_pairs(args):
+    """Return the (map, data) pairs of parsed ``--map``/``--data`` arguments, checked."""
     maps, datas = args.map or [], args.data or []
     if not maps or len(maps) != len(datas):
         raise InputError(f'--map and --data must come in pairs (got {len(maps)} --map and '
@@ -938,6 +938,12 @@ def run_from_args(args):
         if not Path(m).exists():
             raise InputError(f'--map {m}: no such file or folder; pass an MBTiles file or XYZ '
                              'tile folder')
+    return list(zip(maps, datas))
+
+
+def run_from_args(args):
+    """Run ``geozoom train`` from parsed arguments; return an exit status."""
+    pairs = map_data_pairs(args)
     preset = load_preset(args.config) if args.config else TrainPreset()
     if args.method:
         preset.method = args.method
@@ -946,7 +952,7 @@ def run_from_args(args):
         preset.train.validate('--batch-size')
     if args.threads:
         preset.train.threads = args.threads
-    out = train(list(zip(maps, datas)), args.output, preset, resume=args.resume,
+    out = train(pairs, args.output, preset, resume=args.resume,
                 epochs=args.epochs, max_minutes=args.max_minutes, max_steps=args.max_steps,
                 device=args.device, progress=not args.quiet)
     if _rank() == 0 and not args.quiet:

@@ -12,19 +12,12 @@ from geozoom_ros.cli import main as geozoom_main
 from geozoom_ros.errors import MismatchError
 from geozoom_ros.model.config import TrainConfig, TrainPreset
 from geozoom_ros.model.io import load_model, map_hash, model_hash, save_model
-from geozoom_ros.train.distill import cache_tokens, distill
+from geozoom_ros.train.distill import cache_tokens, distill, student_decoder
 from geozoom_ros.train.loop import load_data, train
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from test_train_data import make_world, tiny_config  # noqa: E402, I100
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from test_train_loop import one_thread  # noqa: E402, F401 - autouse: one intra-op thread
 
 
 @pytest.fixture(scope='module')
@@ -75,7 +68,6 @@ def test_student_keeps_the_encoders_and_learns_the_teacher(teacher, tmp_path):
                          train=TrainConfig(batch_size=16, aug_color=0.0, aug_blur=0.0))
     data = load_data([(tiles, csv_path)], preset, progress=False)
     cache = cache_tokens(t, data, 1, torch.Generator().manual_seed(0), progress=False)
-    from geozoom_ros.train.distill import student_decoder
     before = _kl_to_teacher(student_decoder(t, 1).eval(), t, cache)
     after = _kl_to_teacher(s.decoder, t, cache)
     assert after < 0.5 * before, (before, after)
