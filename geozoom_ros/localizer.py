@@ -93,10 +93,10 @@ class GeoZoomLocalizer:
         if not (math.isfinite(cov_scale) and cov_scale > 0):
             raise ConfigError(f'cov_scale={cov_scale} must be a positive number')
         if isinstance(backend, str):
-            from geozoom_ros.runtime import load_backend
-            # Exported search graphs are built for one beam width: the one this localizer uses.
-            width = {'beam': int(beam_width)} if method == 'zoom-beam' else None
-            backend = load_backend(backend, model_path, defaults=width, **backend_options)
+            from geozoom_ros.runtime import load_backend, search_defaults
+            backend = load_backend(backend, model_path,
+                                   defaults=search_defaults(method, beam_width),
+                                   **backend_options)
         self.backend = backend
         self.bundle = load_bundle(bundle_path, backend)
         self.method = method

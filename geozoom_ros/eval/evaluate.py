@@ -399,10 +399,10 @@ def run_queries(bundle_path, model_path, queries, options):
     extra = {}
 
     if method in ('zoom', 'zoom-beam'):
-        from geozoom_ros.runtime import load_backend
+        from geozoom_ros.runtime import load_backend, search_defaults
 
-        width = {'beam': options.beam_width} if method == 'zoom-beam' else None
-        backend = load_backend(options.backend, model_path, defaults=width,
+        backend = load_backend(options.backend, model_path,
+                               defaults=search_defaults(method, options.beam_width),
                                device=options.device)
         bundle = load_bundle(bundle_path, backend)
         gs = np.zeros((n, bundle.embed_dim), np.float32)

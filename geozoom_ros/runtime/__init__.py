@@ -48,6 +48,15 @@ def _accepted(cls, kwargs):
     return {k: v for k, v in kwargs.items() if k in params}
 
 
+def search_defaults(method, beam_width):
+    """Return :func:`load_backend`'s ``defaults`` for searches by ``method``.
+
+    Exported search graphs are built for one beam width: the one a beam search ('zoom-beam')
+    uses. Greedy search ('zoom') needs none.
+    """
+    return {'beam': int(beam_width)} if method == 'zoom-beam' else None
+
+
 def load_backend(kind, model_path, defaults=None, **kwargs):
     """Return a backend of ``kind`` ('torch', 'onnxruntime', 'tensorrt' or 'auto') for a model.
 
