@@ -334,6 +334,48 @@ class Bundle:
                              'geozoom index ... --with-retrieval RETRIEVAL_MODEL')
         return self._all_level_rows(level, x, y)
 
+    def check_retrieval_model(self, model_hash, model_path):
+        """Raise unless the bundle holds retrieval embeddings of this model (hash).
+
+        InputError without any; MismatchError for another model's. ``model_path`` names the
+        model in the one-line message.
+        """
+        if self.retrieval is None:
+            raise InputError(f'bundle {self.path} has no retrieval embeddings; rebuild it with '
+                             f'geozoom index ... --with-retrieval {model_path}')
+        if self.retrieval_model_hash != model_hash:
+            raise MismatchError(
+                f'bundle {self.path} holds retrieval embeddings of model '
+                f'{str(self.retrieval_model_hash)[:8]}, not {model_hash[:8]} ({model_path}); '
+                f'rebuild it with geozoom index ... --with-retrieval {model_path}')
+
+    def terminal_retrieval(self, heading_deg=None):
+        """Return float16 ``[T, E]`` retrieval embeddings of the terminal cells (row order).
+
+        With a camera heading and heading-aligned embeddings (:attr:`retrieval_heading`), the
+        bin nearest the heading; otherwise the north-up crops'. Raises InputError without
+        retrieval embeddings.
+        """
+        if self.retrieval is None:
+            raise InputError(f'bundle {self.path} has no retrieval embeddings; rebuild it with '
+                             'geozoom index ... --with-retrieval RETRIEVAL_MODEL')
+        b = self.heading_bin(heading_deg)
+        if b is not None:
+            return self.retrieval_heading[b]
+        term = self.terminal
+        return self.retrieval[term.retrieval_offset:term.retrieval_offset + term.count]
+
+    def heading_bin(self, heading_deg):
+        """Return the heading-aligned retrieval bin nearest ``heading_deg``, or None.
+
+        None when the bundle holds no heading-aligned embeddings or the heading is unknown.
+        """
+        rh = self.retrieval_heading
+        if rh is None or heading_deg is None or not math.isfinite(heading_deg):
+            return None
+        bins = rh.shape[0]
+        return int(round(heading_deg / (360.0 / bins))) % bins
+
     def _all_level_rows(self, level, x, y):
         """Rows of cells at a level in the arrays with a row for every level's cells."""
         lv = self.levels[level]

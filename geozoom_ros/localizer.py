@@ -1,9 +1,11 @@
 """The ROS-free localizer: one camera frame in, one geo fix with a covariance out.
 
 ``GeoZoomLocalizer`` loads a map bundle and a model through a backend once, then for each frame
-encodes the image (the only per-frame network pass over pixels) and searches the cell tree with
-the bundle's cached map tokens. The ROS node is a thin shell around this class; everything it
-does can be tested without ROS. No torch or rclpy at module level.
+encodes the image (the only per-frame network pass over pixels) and searches the cell tree
+with the bundle's cached map tokens. The fused search (method 'zoom-fused') also encodes the
+frame with a retrieval model and weighs every zoom step with the retrieval mass of each
+child, read from the bundle's cached crop embeddings. The ROS node is a thin shell around
+this class; everything it does can be tested without ROS. No torch or rclpy at module level.
 """
 
 from dataclasses import dataclass, field
@@ -16,9 +18,9 @@ from geozoom_ros.bundle import load_bundle
 from geozoom_ros.calibration import resolve as calibration_resolve
 from geozoom_ros.errors import ConfigError, InputError
 from geozoom_ros.runtime.base import check_images
-from geozoom_ros.search import Prior, search
+from geozoom_ros.search import DEFAULT_ZOOM_WEIGHT, Prior, retrieval_evidence, search
 
-METHODS = ('zoom', 'zoom-beam')
+METHODS = ('zoom', 'zoom-beam', 'zoom-fused')
 
 
 @dataclass
@@ -31,7 +33,8 @@ class Fix:
         confidence: probability of the best hypothesis (0..1); see ``geozoom_ros.search``.
         cell: the best terminal cell (mercantile Tile).
         hypotheses: the search's hypotheses, most probable first.
-        latency_ms: ``{'encoder', 'search', 'total'}`` wall times in milliseconds.
+        latency_ms: ``{'encoder', 'search', 'total'}`` wall times in milliseconds (the
+            fused search's encoder time counts both encoders).
     """
 
     lat: float
@@ -66,8 +69,13 @@ class GeoZoomLocalizer:
         bundle_path: a bundle written by ``geozoom index``.
         model_path: the model the bundle was built with.
         backend: 'auto', 'torch', 'onnxruntime', 'tensorrt', or a ready PolicyBackend.
-        beam_width: width of the beam search (method 'zoom-beam').
-        method: 'zoom-beam' (default) or 'zoom' (greedy).
+        beam_width: width of the beam search (methods 'zoom-beam' and 'zoom-fused').
+        method: 'zoom-beam' (default), 'zoom' (greedy) or 'zoom-fused' (beam search on the
+            decoder's and ``retrieval_model``'s step distributions together; see
+            ``geozoom_ros.search``).
+        retrieval_model: the contrastive retrieval model of method 'zoom-fused'; the bundle
+            must hold its crop embeddings (``geozoom index --with-retrieval``).
+        zoom_weight: the decoder's weight against the retrieval evidence ('zoom-fused').
         cov_scale: factor applied to every published covariance after the calibration (1
             keeps it).
         residual_cov: add the probability mass outside the hypotheses, spread over the
@@ -85,9 +93,15 @@ class GeoZoomLocalizer:
 
     def __init__(self, bundle_path, model_path, backend='auto', beam_width=8,
                  method='zoom-beam', cov_scale=1.0, residual_cov=False, max_roots=4,
-                 shortlist_level=1, calibration='auto', **backend_options):
+                 shortlist_level=1, calibration='auto', retrieval_model=None,
+                 zoom_weight=DEFAULT_ZOOM_WEIGHT, **backend_options):
         if method not in METHODS:
             raise ConfigError(f'method {method!r} is unknown; use one of {", ".join(METHODS)}')
+        if method == 'zoom-fused' and not retrieval_model:
+            raise ConfigError('method zoom-fused needs retrieval_model: the retrieval model '
+                              'whose crop embeddings the bundle holds')
+        if not (math.isfinite(zoom_weight) and zoom_weight >= 0):
+            raise ConfigError(f'zoom_weight={zoom_weight} must be a finite number >= 0')
         if int(beam_width) < 1:
             raise ConfigError(f'beam_width={beam_width} must be >= 1')
         if not (math.isfinite(cov_scale) and cov_scale > 0):
@@ -115,6 +129,17 @@ class GeoZoomLocalizer:
         self.calibration = calibration_resolve(calibration, model_path,
                                                getattr(self.backend, 'model_hash', None))
         self.cov_model = self.calibration.model_for(method) if self.calibration else None
+        self.zoom_weight = float(zoom_weight)
+        self.retrieval = None
+        if method == 'zoom-fused':
+            from geozoom_ros.runtime.torch_backend import TorchRetrieval
+
+            if self.bundle.retrieval is None:  # before loading the model: the cheaper check
+                self.bundle.check_retrieval_model(None, retrieval_model)
+            self.retrieval = TorchRetrieval(retrieval_model,
+                                            device=backend_options.get('device', 'cpu'))
+            self.bundle.check_retrieval_model(self.retrieval.model_hash, retrieval_model)
+            self.retrieval_scale = float(self.retrieval.model.scale().detach().cpu())
 
     def fix_covariance(self, cov_en, confidence):
         """Return the published 2x2 east/north covariance (m^2) of a search's covariance.
@@ -131,11 +156,23 @@ class GeoZoomLocalizer:
         """Whether the model takes the camera heading."""
         return bool(getattr(self.backend.config, 'heading_input', False))
 
-    def search(self, g, prior=None):
-        """Search the cell tree with a ground token ``g`` ``[D]``; return a SearchResult."""
+    def search(self, g, prior=None, evidence=None):
+        """Search the cell tree with a ground token ``g`` ``[D]``; return a SearchResult.
+
+        ``evidence``: the frame's retrieval evidence (method 'zoom-fused';
+        :meth:`retrieval_evidence`).
+        """
         return search(self.backend, self.bundle, g, self.method, self.beam_width, prior=prior,
                       residual=self.residual_cov, shortlist=self.shortlist,
-                      max_roots=self.max_roots)
+                      max_roots=self.max_roots, evidence=evidence,
+                      zoom_weight=self.zoom_weight)
+
+    def retrieval_evidence(self, image_rgb, heading_deg=None):
+        """Return the fused search's evidence for a frame (None for the other methods)."""
+        if self.retrieval is None:
+            return None
+        e = self.retrieval.embed_ground([image_rgb])[0]
+        return retrieval_evidence(self.bundle, e, self.retrieval_scale, heading_deg)
 
     def localize(self, image_rgb, heading_deg=None, prior=None):
         """Localise one frame; return a :class:`Fix`, or None when no cell can be reached.
@@ -163,8 +200,9 @@ class GeoZoomLocalizer:
             headings = [heading_deg % 360.0]
         prior = Prior.coerce(prior)
         g = self.backend.encode_ground([image_rgb], headings=headings)
+        evidence = self.retrieval_evidence(image_rgb, heading_deg)
         t1 = time.perf_counter()
-        result = self.search(g[0], prior=prior)
+        result = self.search(g[0], prior=prior, evidence=evidence)
         t2 = time.perf_counter()
         if result is None:
             return None

@@ -17,6 +17,17 @@ are), and the roots are weighted by their best surviving path probability; a hyp
 probability is its path probability times its root's weight, so probabilities sum to at most 1.
 ``confidence`` is the best hypothesis's probability.
 
+Fused search (``method='zoom-fused'``). A contrastive retrieval model's embedding of the
+frame ``e`` scores every terminal cell of the bundle by ``scale * cos(e, crop)``; read as a
+softmax over the map, a cell at any level holds the probability mass of the terminal cells
+inside it, so its log mass is their log-sum-exp (:func:`retrieval_evidence`, one pass per
+frame). At every level the children's logits become ``zoom_weight * decoder logit + log
+retrieval mass`` before the softmax: a product of the two experts' step distributions. With
+``zoom_weight`` 0 the beam's path probability is the retrieval softmax itself (the chain of
+conditionals telescopes), so a wide enough beam returns the retrieval baseline's answer; with
+retrieval evidence that is uniform it is the zoom beam. The roots start with their retrieval
+mass, so several roots need no separate weighting.
+
 Covariance. The published position is the best terminal cell's centre. Its covariance (east,
 north; m^2) is the probability-weighted second moment of the hypotheses' terminal centres about
 that estimate (weights renormalised over the hypotheses) plus the terminal cell's quantisation
@@ -42,6 +53,8 @@ from geozoom_ros.geo import (actions_between, ancestor, Cell, cell_at, cell_size
 _HALF = math.pi * EARTH_RADIUS_M  # half the Web-Mercator world width (m)
 #: A prior region spans this many standard deviations.
 PRIOR_SIGMAS = 3.0
+#: The decoder's weight in the fused search (chosen on the demo city's validation split).
+DEFAULT_ZOOM_WEIGHT = 0.5
 
 
 @dataclass(frozen=True)
@@ -285,17 +298,19 @@ def _shortlist_roots(roots, bundle, shortlist, g, max_roots):
 
 
 def _decode_levels(backend, bundle, tokens, g, sat, actions, xs, ys, root_id, level, width,
-                   per_root, box):
+                   per_root, box, fusion=None):
     """Decode from ``level`` to the terminal level, one batched decoder step per level.
 
     ``tokens`` is the bundle's token array; ``per_root``: keep the ``width`` best paths of
-    every root (else of all roots together). Returns ``(logp, xs, ys, root_id, actions,
-    decoder calls)`` of the surviving terminal paths, best first within each root, or None
-    when every child is masked.
+    every root (else of all roots together); ``fusion``: ``(evidence, zoom_weight, logp0)``
+    for the fused search (:func:`retrieval_evidence`, the decoder's weight, the start cells'
+    log probabilities). Returns ``(logp, xs, ys, root_id, actions, decoder calls)`` of the
+    surviving terminal paths, best first within each root, or None when every child is
+    masked.
     """
     k, steps = bundle.k, bundle.steps
     kk = k * k
-    logp = np.zeros(len(xs))
+    logp = np.zeros(len(xs)) if fusion is None else np.array(fusion[2], np.float64)
     ar = np.arange(kk)
     rr, cc = ar // k, ar % k
     state, out = backend.start_decoding(g, sat, actions)
@@ -306,6 +321,10 @@ def _decode_levels(backend, bundle, tokens, g, sat, actions, xs, ys, root_id, le
         cy = ys[:, None] * k + rr
         logits = children_logits(backend, bundle, out, lv + 1, cx, cy)
         idx, valid = bundle.usable_children(lv + 1, cx, cy)
+        if fusion is not None:
+            evidence, zoom_weight = fusion[0][lv + 1], fusion[1]
+            with np.errstate(invalid='ignore'):  # 0 * -inf: masked below
+                logits = zoom_weight * logits + evidence[idx]
         if box is not None:
             valid &= _overlaps(box, cx, cy, nxt.zoom)
         logits[~(valid & np.isfinite(logits))] = -np.inf
@@ -402,7 +421,7 @@ def _graph_levels(run, bundle, tokens, g, sat, actions, start_xy, level, box):
 
 
 def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlist=None,
-            max_roots=0):
+            max_roots=0, evidence=None, zoom_weight=1.0):
     k = bundle.k
     g = np.ascontiguousarray(g, dtype=np.float32).reshape(1, -1)
     # A float64 sum is finite exactly when every float32 entry is (one reduction).
@@ -445,8 +464,8 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
     run = None
     graph = getattr(backend, 'search_graph', None)
     # The graphs take the bundle's float16 token array as it is (no copy).
-    if graph is not None and not per_root and isinstance(tokens, np.ndarray) \
-            and tokens.dtype == np.float16:
+    if graph is not None and not per_root and evidence is None \
+            and isinstance(tokens, np.ndarray) and tokens.dtype == np.float16:
         run = graph(width, level, len(xs))
     if run is not None:
         decoded = _graph_levels(run, bundle, tokens, g, sat, actions, start_xy, level, box)
@@ -454,8 +473,16 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
         if root_id is None:
             actions = np.zeros((len(roots), 0), np.int64)
             root_id = np.arange(len(roots), dtype=np.int64)
+        fusion = None
+        if evidence is not None:
+            # The start cells' retrieval mass (one start cell: probability 1).
+            start_lv = bundle.levels[level]
+            ev = evidence[level][start_lv.local_index(xs, ys)[0]]
+            total = np.logaddexp.reduce(ev)
+            fusion = (evidence, float(zoom_weight),
+                      ev - total if np.isfinite(total) else np.zeros(len(ev)))
         decoded = _decode_levels(backend, bundle, tokens, g, sat, actions, xs, ys, root_id,
-                                 level, width, per_root, box)
+                                 level, width, per_root, box, fusion)
         if decoded is not None:
             decoded = [a.tolist() if isinstance(a, np.ndarray) else a for a in decoded]
     if decoded is None:
@@ -465,7 +492,7 @@ def _search(backend, bundle, g, width, per_root, prior, residual=False, shortlis
     logp, xs, ys, root_id, paths, calls = decoded
     probs = [math.exp(v) for v in logp]
     tz = bundle.terminal.zoom
-    if len(roots) > 1:
+    if len(roots) > 1 and evidence is None:
         # Weight roots by their best surviving path; the weights can reorder the paths (a
         # single root's come best first).
         best = [0.0] * len(roots)
@@ -527,15 +554,97 @@ def beam(backend, bundle, g, width=8, prior=None, residual=False, shortlist=None
     return _search(backend, bundle, g, width, False, prior, residual, shortlist, max_roots)
 
 
+def fused(backend, bundle, g, evidence, width=8, zoom_weight=DEFAULT_ZOOM_WEIGHT, prior=None,
+          residual=False, shortlist=None, max_roots=0):
+    """Beam search on the product of the decoder's and a retrieval model's step distributions.
+
+    ``evidence`` comes from :func:`retrieval_evidence` for the same frame; ``zoom_weight``
+    scales the decoder's logits (0: retrieval alone, searched down the tree). Otherwise as
+    :func:`beam`. Always decoded step by step (the whole-search graphs hold no evidence).
+    """
+    width = int(width)
+    if width < 1:
+        raise InputError(f'beam width {width} must be >= 1')
+    zoom_weight = float(zoom_weight)
+    if not (math.isfinite(zoom_weight) and zoom_weight >= 0):
+        raise InputError(f'zoom weight {zoom_weight} must be a finite number >= 0')
+    if evidence is None or len(evidence) != bundle.steps + 1:
+        raise InputError('the fused search needs retrieval evidence for every level of bundle '
+                         f'{bundle.path} (search.retrieval_evidence)')
+    return _search(backend, bundle, g, width, False, prior, residual, shortlist, max_roots,
+                   evidence, zoom_weight)
+
+
 def search(backend, bundle, g, method='zoom-beam', width=8, prior=None, residual=False,
-           shortlist=None, max_roots=0):
-    """Run ``method`` ('zoom' = greedy, 'zoom-beam' = beam of ``width``)."""
+           shortlist=None, max_roots=0, evidence=None, zoom_weight=DEFAULT_ZOOM_WEIGHT):
+    """Run ``method`` ('zoom' = greedy, 'zoom-beam' = beam of ``width``, 'zoom-fused')."""
     kw = dict(prior=prior, residual=residual, shortlist=shortlist, max_roots=max_roots)
     if method == 'zoom':
         return greedy(backend, bundle, g, **kw)
     if method == 'zoom-beam':
         return beam(backend, bundle, g, width=width, **kw)
-    raise InputError(f'search method {method!r} is unknown; use zoom or zoom-beam')
+    if method == 'zoom-fused':
+        return fused(backend, bundle, g, evidence, width=width, zoom_weight=zoom_weight, **kw)
+    raise InputError(f'search method {method!r} is unknown; use zoom, zoom-beam or '
+                     'zoom-fused')
+
+
+def _terminal_groups(bundle):
+    """Return, per level above the terminal one, how its cells group the level below.
+
+    Entry ``level`` is ``(order, starts, parents)``: the order that sorts the cells of level
+    ``level + 1`` by their parent, where each parent's run starts, and which parent (index in
+    ``level``) each run belongs to. Cached per bundle.
+    """
+    groups = bundle.derived.get('evidence_groups')
+    if groups is None:
+        groups = []
+        for level in range(bundle.steps):
+            below = bundle.levels[level + 1]
+            x, y = below.cell_arrays()
+            parent, ok = bundle.levels[level].local_index(x // bundle.k, y // bundle.k)
+            parent = np.where(ok, parent, -1)
+            order = np.argsort(parent, kind='stable')
+            order = order[parent[order] >= 0]
+            sp = parent[order]
+            starts = np.flatnonzero(np.r_[True, sp[1:] != sp[:-1]]) if len(sp) else \
+                np.zeros(0, np.int64)
+            groups.append((order, starts, sp[starts]))
+        bundle.derived['evidence_groups'] = groups
+    return groups
+
+
+def retrieval_evidence(bundle, embedding, scale, heading_deg=None):
+    """Return the fused search's per-level log retrieval mass of every cell of a bundle.
+
+    ``embedding`` is the frame's L2-normalised retrieval embedding ``[E]``, ``scale`` the
+    retrieval model's softmax scale (its learned inverse temperature); the terminal cells are
+    scored by ``scale * cos`` against the bundle's crops (the bin nearest ``heading_deg`` for
+    heading-aligned embeddings). Entry ``level`` is a float64 array over that level's cells
+    (row order): the log-sum-exp of the scores of the terminal cells inside each cell (-inf
+    for a cell with none). One matrix-vector product over the terminal cells per frame.
+    """
+    e = np.asarray(embedding, np.float32).reshape(-1)
+    vecs = bundle.terminal_retrieval(heading_deg)
+    if vecs.shape[1] != e.shape[0] or not np.all(np.isfinite(e)):
+        raise InputError(f'retrieval embedding has shape {e.shape} (finite: '
+                         f'{bool(np.all(np.isfinite(e)))}); bundle {bundle.path} holds '
+                         f'embeddings of {vecs.shape[1]} floats')
+    scores = float(scale) * (np.asarray(vecs, np.float32) @ e).astype(np.float64)
+    out = [None] * (bundle.steps + 1)
+    out[-1] = scores
+    for level in range(bundle.steps - 1, -1, -1):
+        order, starts, parents = _terminal_groups(bundle)[level]
+        below = out[level + 1][order]
+        top = np.maximum.reduceat(below, starts) if len(starts) else np.zeros(0)
+        safe = np.where(np.isfinite(top), top, 0.0)
+        with np.errstate(divide='ignore'):
+            mass = safe + np.log(np.add.reduceat(np.exp(below - np.repeat(
+                safe, np.diff(np.r_[starts, len(below)]))), starts)) if len(starts) else top
+        level_ev = np.full(bundle.levels[level].count, -np.inf)
+        level_ev[parents] = mass
+        out[level] = level_ev
+    return out
 
 
 def terminal_size_m(bundle, lat):

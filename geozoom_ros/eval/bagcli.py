@@ -17,6 +17,7 @@ import os
 from pathlib import Path
 import sys
 
+from geozoom_ros.eval.cli import check_fusion, fusion_args
 from geozoom_ros.fileio import atomic_write_text
 
 JPEG_SUFFIXES = ('.jpg', '.jpeg')
@@ -54,8 +55,9 @@ def register(sub):
                    help='localise at most N frames')
     p.add_argument('--backend', default='auto', help='auto, torch, onnxruntime or tensorrt')
     p.add_argument('--device', default=None, help="torch device (e.g. cpu, cuda)")
-    p.add_argument('--method', default='zoom-beam', choices=('zoom-beam', 'zoom'))
+    p.add_argument('--method', default='zoom-beam', choices=('zoom-beam', 'zoom', 'zoom-fused'))
     p.add_argument('--beam-width', type=int, default=8, metavar='B')
+    fusion_args(p)
     p.add_argument('--prior', default='none', choices=('none', 'fused'),
                    help='search prior: none (whole map) or fused (the EKF estimate so far, '
                         'as the node with prior_source odometry)')
@@ -164,13 +166,16 @@ def _eval_bag(args):
         if not args.max_sigma_m > 0:
             raise InputError(f'--max-sigma-m {args.max_sigma_m} must be positive (metres)')
         gate.max_sigma_m = args.max_sigma_m
+    check_fusion(args)
     _set_threads(args.threads)
     loc = None
-    if args.device:
+    if args.device or args.method == 'zoom-fused':
         from geozoom_ros.localizer import GeoZoomLocalizer
         loc = GeoZoomLocalizer(args.bundle, args.model, backend=args.backend,
                                beam_width=args.beam_width, method=args.method,
-                               device=args.device)
+                               retrieval_model=args.retrieval_model,
+                               zoom_weight=args.zoom_weight,
+                               **({'device': args.device} if args.device else {}))
     ev = B.evaluate_bag(args.bag, args.bundle, args.model, image_topic=args.image_topic,
                         gt_topic=args.gt_topic, odom_topic=args.odom_topic,
                         imu_topic=args.imu_topic, every=args.every, limit=args.limit,

@@ -39,13 +39,15 @@ def register(sub):
                                    'latency and chance levels.')
     p.add_argument('--bundle', required=True, metavar='BUNDLE')
     p.add_argument('--model', required=True, metavar='MODEL',
-                   help='the zoom policy (zoom, zoom-beam) or the retrieval model (retrieval, '
-                        'sim-zoom, ground-knn)')
+                   help='the zoom policy (zoom, zoom-beam, zoom-fused) or the retrieval model '
+                        '(retrieval, sim-zoom, ground-knn)')
     p.add_argument('--data', required=True, metavar='index.csv|drive.mcap')
     p.add_argument('--split', default=None, help='index.csv split (test-same, test-cross, ...)')
     p.add_argument('--method', default='zoom-beam',
-                   choices=('zoom', 'zoom-beam', 'retrieval', 'sim-zoom', 'ground-knn'))
+                   choices=('zoom', 'zoom-beam', 'zoom-fused', 'retrieval', 'sim-zoom',
+                            'ground-knn'))
     p.add_argument('--beam-width', type=int, default=8)
+    fusion_args(p)
     p.add_argument('--prior-sigma-m', type=float, default=None,
                    help='give the search a prior drawn around the truth with this sigma (m)')
     p.add_argument('--seed', type=int, default=0, help='seed of the prior draws')
@@ -79,8 +81,9 @@ def register(sub):
     p.add_argument('--model', required=True, metavar='MODEL')
     p.add_argument('--data', required=True, metavar='index.csv|drive.mcap')
     p.add_argument('--split', default='val', help='index.csv split to fit on (default: val)')
-    p.add_argument('--method', default='zoom-beam', choices=('zoom', 'zoom-beam'))
+    p.add_argument('--method', default='zoom-beam', choices=('zoom', 'zoom-beam', 'zoom-fused'))
     p.add_argument('--beam-width', type=int, default=8)
+    fusion_args(p)
     p.add_argument('--residual-cov', action='store_true',
                    help='calibrate the covariance that counts the probability outside the '
                         'hypotheses (use the same flag when localising)')
@@ -103,8 +106,9 @@ def register(sub):
     p.add_argument('--model', required=True, metavar='MODEL')
     p.add_argument('images', nargs='+', metavar='IMAGE')
     p.add_argument('--heading', type=float, default=None, help='camera heading (deg from N)')
-    p.add_argument('--method', default='zoom-beam', choices=('zoom', 'zoom-beam'))
+    p.add_argument('--method', default='zoom-beam', choices=('zoom', 'zoom-beam', 'zoom-fused'))
     p.add_argument('--beam-width', type=int, default=8)
+    fusion_args(p)
     p.add_argument('--residual-cov', action='store_true',
                    help='count the probability outside the hypotheses in the covariance')
     p.add_argument('--prior', default=None, metavar='LAT,LON,SIGMA_M',
@@ -114,6 +118,29 @@ def register(sub):
     p.add_argument('--device', default='cpu')
     p.add_argument('--json', action='store_true', help='print one JSON object per image')
     p.set_defaults(func=_localize)
+
+
+def fusion_args(p):
+    """Add --retrieval-model and --zoom-weight (method zoom-fused) to a parser."""
+    from geozoom_ros.search import DEFAULT_ZOOM_WEIGHT
+
+    p.add_argument('--retrieval-model', default=None, metavar='RETRIEVAL_MODEL',
+                   help='zoom-fused: the retrieval model whose embeddings the bundle holds '
+                        '(geozoom index ... --with-retrieval)')
+    p.add_argument('--zoom-weight', type=float, default=DEFAULT_ZOOM_WEIGHT,
+                   help='zoom-fused: weight of the decoder\'s logits against the retrieval '
+                        f'evidence (0: retrieval alone; default {DEFAULT_ZOOM_WEIGHT})')
+
+
+def check_fusion(args):
+    """Raise InputError unless the zoom-fused arguments are consistent."""
+    from geozoom_ros.errors import InputError
+
+    if not math.isfinite(args.zoom_weight) or args.zoom_weight < 0:
+        raise InputError(f'--zoom-weight {args.zoom_weight} must be a finite number >= 0')
+    if args.method == 'zoom-fused' and not args.retrieval_model:
+        raise InputError('--method zoom-fused needs --retrieval-model RETRIEVAL_MODEL (the '
+                         'retrieval model whose embeddings the bundle holds)')
 
 
 def _calibration_args(p):
@@ -162,6 +189,7 @@ def _eval(args):
     _positive('--beam-width', args.beam_width, allow_none=False)
     _positive('--prior-sigma-m', args.prior_sigma_m)
     _positive('--limit', args.limit)
+    check_fusion(args)
     knn_index = args.train_index
     if args.method == 'ground-knn' and knn_index is None:
         if not str(args.data).endswith('.csv'):
@@ -176,6 +204,7 @@ def _eval(args):
     opts = EvalOptions(method=args.method, beam_width=args.beam_width,
                        prior_sigma_m=args.prior_sigma_m, seed=args.seed, backend=args.backend,
                        device=args.device, knn_index=knn_index,
+                       retrieval_model=args.retrieval_model, zoom_weight=args.zoom_weight,
                        residual_cov=args.residual_cov,
                        progress=not args.no_progress and not args.json,
                        calibration=args.calibration)
@@ -244,10 +273,12 @@ def _localize(args):
     from geozoom_ros.errors import InputError
     from geozoom_ros.localizer import GeoZoomLocalizer
 
+    check_fusion(args)
     prior = _parse_prior(args.prior) if args.prior else None
     loc = GeoZoomLocalizer(args.bundle, args.model, backend=args.backend,
                            beam_width=args.beam_width, method=args.method,
                            residual_cov=args.residual_cov, calibration=args.calibration,
+                           retrieval_model=args.retrieval_model, zoom_weight=args.zoom_weight,
                            device=args.device)
     for path in args.images:
         bgr = cv2.imread(path, cv2.IMREAD_COLOR)
@@ -281,6 +312,7 @@ def _calibrate(args):
 
     _positive('--beam-width', args.beam_width, allow_none=False)
     _positive('--limit', args.limit)
+    check_fusion(args)
     out = Path(args.output) if args.output else C.calibration_path(args.model)
     if out.is_dir():
         raise InputError(f'-o {out} is a folder; pass the calibration.json file to write')
@@ -291,6 +323,7 @@ def _calibrate(args):
               'invalid position', file=sys.stderr)
     opts = EvalOptions(method=args.method, beam_width=args.beam_width, backend=args.backend,
                        device=args.device, residual_cov=args.residual_cov, calibration=None,
+                       retrieval_model=args.retrieval_model, zoom_weight=args.zoom_weight,
                        step_accuracy=False, progress=not args.no_progress and not args.json)
     run = run_queries(args.bundle, args.model, queries, opts)
     err_en = run.errors_en()
@@ -298,7 +331,9 @@ def _calibrate(args):
     before = C.nees_summary(err_en, run.cov_en)
     after = C.nees_summary(err_en, model.apply(run.cov_en, run.confidence))
     info = {'data': str(args.data), 'split': args.split, 'n': before['n'],
-            'beam_width': args.beam_width if args.method == 'zoom-beam' else None,
+            'beam_width': args.beam_width if args.method != 'zoom' else None,
+            'zoom_weight': args.zoom_weight if args.method == 'zoom-fused' else None,
+            'retrieval_model_sha256': run.extra.get('retrieval_model_sha256'),
             'residual_cov': bool(args.residual_cov),
             'family': 'single-gaussian' if args.single_gaussian else 'gaussian+outliers',
             'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),

@@ -5,6 +5,10 @@ Queries come from an ``index.csv`` table (path, lat, lon[, heading_deg, split]) 
 The methods:
 
 - ``zoom``: greedy zoom search; ``zoom-beam``: beam search (width ``beam_width``).
+- ``zoom-fused``: beam search on the product of the zoom decoder's and a retrieval model's
+  step distributions (``retrieval_model``, whose embeddings the bundle holds; the decoder's
+  logits weighted by ``zoom_weight``; see :mod:`geozoom_ros.search`). Its latency counts both
+  encoders.
 - ``retrieval``: nearest terminal-cell embedding (brute force numpy, or FAISS when importable)
   of a contrastive retrieval model, over the bundle's context crops.
 - ``sim-zoom``: coarse retrieval over the level-1 cells, then at each finer level the most
@@ -32,13 +36,16 @@ import time
 import numpy as np
 
 from geozoom_ros.bundle import load_bundle
-from geozoom_ros.errors import InputError, MismatchError
+from geozoom_ros.errors import InputError
 from geozoom_ros.eval import metrics
 from geozoom_ros.geo import (actions_between, ancestor, cell_at, check_latlon, destination,
                              tile_center)
-from geozoom_ros.search import beam, children_logits, greedy, hypotheses_covariance, Prior
+from geozoom_ros.search import (children_logits, DEFAULT_ZOOM_WEIGHT, hypotheses_covariance,
+                                Prior, retrieval_evidence, search)
 
-METHODS = ('zoom', 'zoom-beam', 'retrieval', 'sim-zoom', 'ground-knn')
+METHODS = ('zoom', 'zoom-beam', 'zoom-fused', 'retrieval', 'sim-zoom', 'ground-knn')
+#: Methods run by a zoom policy (the others by a retrieval model).
+ZOOM_METHODS = ('zoom', 'zoom-beam', 'zoom-fused')
 DEFAULT_GT_TOPIC = '/gps/fix_truth'
 
 
@@ -281,6 +288,17 @@ def _retrieval_scale(retr):
         return 1.0 / 0.07
 
 
+def _retrieval_for(bundle, model_path, device):
+    """Return the TorchRetrieval of ``model_path`` after checking the bundle holds its crops."""
+    from geozoom_ros.runtime.torch_backend import TorchRetrieval
+
+    if bundle.retrieval is None:  # before loading the model: the cheaper check first
+        bundle.check_retrieval_model(None, model_path)
+    retr = TorchRetrieval(model_path, device=device)
+    bundle.check_retrieval_model(retr.model_hash, model_path)
+    return retr
+
+
 def _level_vectors(bundle, level):
     lv = bundle.levels[level]
     sl = slice(lv.retrieval_offset, lv.retrieval_offset + lv.count)
@@ -307,6 +325,8 @@ class EvalOptions:
     backend: str = 'auto'
     device: str = 'cpu'
     knn_index: str = None
+    retrieval_model: str = None
+    zoom_weight: float = DEFAULT_ZOOM_WEIGHT
     top_k: int = 8
     residual_cov: bool = False
     progress: bool = True
@@ -398,13 +418,21 @@ def run_queries(bundle_path, model_path, queries, options):
     unreadable = 0
     extra = {}
 
-    if method in ('zoom', 'zoom-beam'):
+    if method in ZOOM_METHODS:
         from geozoom_ros.runtime import load_backend, search_defaults
 
         backend = load_backend(options.backend, model_path,
                                defaults=search_defaults(method, options.beam_width),
                                device=options.device)
         bundle = load_bundle(bundle_path, backend)
+        retr = None
+        if method == 'zoom-fused':
+            if not options.retrieval_model:
+                raise InputError('method zoom-fused needs a retrieval model (--retrieval-model '
+                                 'RETRIEVAL_MODEL) whose embeddings the bundle holds')
+            retr = _retrieval_for(bundle, options.retrieval_model, options.device)
+            scale = _retrieval_scale(retr)
+            extra['retrieval_model_sha256'] = retr.model_hash
         gs = np.zeros((n, bundle.embed_dim), np.float32)
         have_g = np.zeros(n, bool)
         prior_misses = 0
@@ -422,11 +450,14 @@ def run_queries(bundle_path, model_path, queries, options):
                 prior = Prior.from_sigma(plat, plon, s)
             t0 = time.perf_counter()
             g = backend.encode_ground([img], headings=[q.heading_deg])[0]
+            evidence = None
+            if retr is not None:
+                e = retr.embed_ground([img], headings=[q.heading_deg])[0]
+                evidence = retrieval_evidence(bundle, e, scale, q.heading_deg)
             try:
-                res = (greedy(backend, bundle, g, prior=prior, residual=options.residual_cov)
-                       if method == 'zoom' else
-                       beam(backend, bundle, g, options.beam_width, prior=prior,
-                            residual=options.residual_cov))
+                res = search(backend, bundle, g, method, options.beam_width, prior=prior,
+                             residual=options.residual_cov, evidence=evidence,
+                             zoom_weight=options.zoom_weight)
             except InputError:
                 if prior is None:
                     raise
@@ -451,19 +482,13 @@ def run_queries(bundle_path, model_path, queries, options):
     else:
         from geozoom_ros.runtime.torch_backend import TorchRetrieval
 
-        retr = TorchRetrieval(model_path, device=options.device)
-        model_sha256 = retr.model_hash
         bundle = load_bundle(bundle_path)
-        scale = _retrieval_scale(retr)
         if method in ('retrieval', 'sim-zoom'):
-            if bundle.retrieval is None:
-                raise InputError(f'bundle {bundle_path} has no retrieval embeddings; rebuild it '
-                                 'with geozoom index ... --with-retrieval RETRIEVAL_MODEL')
-            if bundle.retrieval_model_hash != retr.model_hash:
-                raise MismatchError(
-                    f'bundle {bundle_path} holds retrieval embeddings of model '
-                    f'{str(bundle.retrieval_model_hash)[:8]}, not {retr.model_hash[:8]}; rebuild '
-                    f'it with geozoom index ... --with-retrieval {model_path}')
+            retr = _retrieval_for(bundle, model_path, options.device)
+        else:
+            retr = TorchRetrieval(model_path, device=options.device)
+        model_sha256 = retr.model_hash
+        scale = _retrieval_scale(retr)
         if method == 'retrieval':
             term = bundle.terminal
             nn_index = _Nearest(_level_vectors(bundle, bundle.steps))
@@ -507,8 +532,8 @@ def run_queries(bundle_path, model_path, queries, options):
             e = retr.embed_ground([img], headings=[q.heading_deg])[0]
             if method == 'retrieval':
                 index = nn_index
-                if rh is not None and q.heading_deg is not None:
-                    b = int(round(q.heading_deg / (360.0 / rh.shape[0]))) % rh.shape[0]
+                b = bundle.heading_bin(q.heading_deg)
+                if b is not None:
                     if b not in heading_indices:
                         heading_indices[b] = _Nearest(np.asarray(rh[b], np.float32))
                     index = heading_indices[b]
@@ -571,9 +596,11 @@ def summarize_run(run, options, skipped=0, calibration=None):
                                                          run.truth[:, 1])
     summary['skipped_rows'] = int(skipped)
     summary['unreadable_images'] = int(run.unreadable)
-    summary['beam_width'] = options.beam_width if method == 'zoom-beam' else None
+    summary['beam_width'] = options.beam_width if method in ('zoom-beam', 'zoom-fused') \
+        else None
+    summary['zoom_weight'] = options.zoom_weight if method == 'zoom-fused' else None
     summary['prior_sigma_m'] = options.prior_sigma_m
-    summary['residual_cov'] = options.residual_cov if method in ('zoom', 'zoom-beam') else None
+    summary['residual_cov'] = options.residual_cov if method in ZOOM_METHODS else None
     summary['map_area_km2'] = bundle.area_m2 / 1e6
     summary.update(run.extra)
     return metrics.json_ready(summary)

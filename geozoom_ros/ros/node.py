@@ -149,7 +149,9 @@ class GeoZoomNode(Node):
                                          beam_width=p.beam_width, method=p.method,
                                          cov_scale=p.cov_scale, max_roots=p.max_roots,
                                          shortlist_level=p.shortlist_level,
-                                         calibration=p.calibration, **options)
+                                         calibration=p.calibration,
+                                         retrieval_model=p.retrieval_model or None,
+                                         zoom_weight=p.zoom_weight, **options)
         self.localizer = localizer
         if p.datum_source == 'map_center':
             w, s, e, n = localizer.bundle.bounds

@@ -24,7 +24,7 @@ from geozoom_ros.ros import topics
 NODE_NAME = 'geozoom_node'
 
 BACKENDS = ('auto', 'torch', 'onnxruntime', 'tensorrt')
-METHODS = ('zoom-beam', 'zoom')
+METHODS = ('zoom-beam', 'zoom', 'zoom-fused')
 TRANSPORTS = ('raw', 'compressed')
 IMAGE_QOS = ('sensor', 'reliable')
 CONVERTERS = ('auto', 'cv_bridge', 'own')
@@ -52,9 +52,15 @@ class NodeParams:
     model: str = _p('', 'model folder the bundle was built with (required)')
     backend: str = _p('auto', 'inference backend', BACKENDS)
     device: str = _p('', "torch device, e.g. 'cpu' or 'cuda' ('' = the backend's default)")
-    method: str = _p('zoom-beam', 'search: zoom-beam (beam search) or zoom (greedy)', METHODS)
+    method: str = _p('zoom-beam', 'search: zoom-beam (beam search), zoom (greedy) or '
+                                  'zoom-fused (beam search weighed by retrieval_model)',
+                     METHODS)
     beam_width: int = _p(8, 'hypotheses kept per zoom level by the beam search', low=1,
                          high=256)
+    retrieval_model: str = _p('', 'zoom-fused: the retrieval model whose crop embeddings the '
+                                  'bundle holds (geozoom index --with-retrieval)')
+    zoom_weight: float = _p(0.5, "zoom-fused: the decoder's weight against the retrieval "
+                                 'evidence (0 = retrieval alone)', low=0.0, high=100.0)
     calibration: str = _p('auto', "covariance calibration: 'auto' (the model folder's "
                                   "calibration.json when present), 'none', or a file path")
     cov_scale: float = _p(1.0, 'factor applied to the search covariance (calibration)',
@@ -211,11 +217,16 @@ class NodeParams:
         if self.prior_source != 'none' and not self.prior_topic:
             raise ConfigError(f'{where}: prior_topic is empty but prior_source is '
                               f'{self.prior_source}; give the topic')
+        if self.method == 'zoom-fused' and not self.retrieval_model:
+            raise ConfigError(f'{where}: retrieval_model is not set but method is zoom-fused; '
+                              'give the retrieval model folder the bundle was indexed with')
         if self.heading_source != 'none' and not self.heading_topic:
             raise ConfigError(f'{where}: heading_topic is empty but heading_source is '
                               f'{self.heading_source}; give the topic')
         if check_files:
-            for name in ('bundle', 'model'):
+            names = ('bundle', 'model') + (('retrieval_model',)
+                                           if self.method == 'zoom-fused' else ())
+            for name in names:
                 path = Path(getattr(self, name)).expanduser()
                 if not path.exists():
                     raise InputError(f'{where}: {name} {path} does not exist; give an existing '

@@ -102,6 +102,7 @@ class OnnxBackend(PolicyBackend):
         if threads is not None:
             opts.intra_op_num_threads = int(threads)
             opts.inter_op_num_threads = 1
+        opts.add_session_config_entry('session.intra_op.allow_spinning', '0')
         self.providers = _providers(ort, providers)
 
         def session(name):

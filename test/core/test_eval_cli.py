@@ -62,12 +62,14 @@ def _run_json(capsys, argv):
 
 
 @pytest.mark.parametrize('method, model', [('zoom', 'policy'), ('zoom-beam', 'policy'),
-                                           ('retrieval', 'retr'), ('sim-zoom', 'retr'),
-                                           ('ground-knn', 'retr')])
+                                           ('zoom-fused', 'policy'), ('retrieval', 'retr'),
+                                           ('sim-zoom', 'retr'), ('ground-knn', 'retr')])
 def test_eval_json_has_every_key_for_every_method(world, capsys, method, model):
+    fused = ['--retrieval-model', str(world['retr'])] if method == 'zoom-fused' else []
     res = _run_json(capsys, ['eval', '--bundle', str(world['bundle']), '--model',
                              str(world[model]), '--data', str(world['index']), '--split',
-                             'test-same', '--method', method, '--beam-width', '3', '--json'])
+                             'test-same', '--method', method, '--beam-width', '3', '--json',
+                             *fused])
     for key in REQUIRED:
         assert key in res, key
     assert res['method'] == method and res['n'] == world['n_test']
@@ -89,6 +91,11 @@ def test_eval_json_has_every_key_for_every_method(world, capsys, method, model):
         assert all(0 <= a <= 1 for a in res['step_accuracy'])
     if method == 'ground-knn':
         assert res['train_images'] == world['n_test']
+    if method == 'zoom-fused':
+        from geozoom_ros.model.io import model_hash
+
+        assert res['zoom_weight'] == 0.5 and res['beam_width'] == 3
+        assert res['retrieval_model_sha256'] == model_hash(world['retr'])
 
 
 def test_eval_with_a_prior_and_a_limit(world, capsys):
@@ -133,6 +140,15 @@ def test_index_and_localize_commands(world, capsys, tmp_path):
     assert main(['localize', '--bundle', str(out), '--model', str(world['policy']),
                  str(img)]) == 0
     assert 'confidence' in capsys.readouterr().out
+    # The fused search needs the bundle with the retrieval embeddings.
+    fused = ['localize', '--model', str(world['policy']), str(img), '--json', '--method',
+             'zoom-fused', '--retrieval-model', str(world['retr']), '--heading', '90']
+    assert main(fused + ['--bundle', str(world['bundle'])]) == 0
+    line = json.loads(capsys.readouterr().out)
+    assert np.all(np.linalg.eigvalsh(np.array(line['cov_en_m2'])) > 0)
+    assert main(fused + ['--bundle', str(out)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert 'has no retrieval embeddings' in err[-1]
 
 
 @pytest.mark.parametrize('argv_tail, message', [
@@ -141,10 +157,16 @@ def test_index_and_localize_commands(world, capsys, tmp_path):
     (['--data', '{index}', '--method', 'retrieval', '--model', '{other}'], 'not a retrieval'),
     (['--data', '{index}', '--model', '{other}'], 'was built for model'),
     (['--data', '{index}', '--beam-width', '0'], 'must be a positive'),
+    (['--data', '{index}', '--method', 'zoom-fused'], 'needs --retrieval-model'),
+    (['--data', '{index}', '--method', 'zoom-fused', '--retrieval-model', '{retr}',
+      '--zoom-weight', '-1'], '--zoom-weight -1.0 must be'),
+    (['--data', '{index}', '--method', 'zoom-fused', '--retrieval-model', '{other}'],
+     'not a retrieval'),
 ])
 def test_eval_bad_input_is_one_line_exit_2(world, capsys, argv_tail, message):
     argv = ['eval', '--bundle', str(world['bundle']), '--model', str(world['policy'])]
-    argv += [a.format(index=world['index'], other=world['other']) for a in argv_tail]
+    argv += [a.format(index=world['index'], other=world['other'], retr=world['retr'])
+             for a in argv_tail]
     assert main(argv + ['--json']) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith('geozoom eval: error:') and message in err[-1]

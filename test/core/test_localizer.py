@@ -13,7 +13,7 @@ from geozoom_ros.errors import ConfigError, InputError, MismatchError  # noqa: E
 from geozoom_ros.geo import ancestor, cell_center, geodesic_distance_m  # noqa: E402
 from geozoom_ros.localizer import Fix, GeoZoomLocalizer  # noqa: E402
 from geozoom_ros.runtime import BackendUnavailable, load_backend  # noqa: E402
-from geozoom_ros.search import beam  # noqa: E402
+from geozoom_ros.search import beam, fused, retrieval_evidence  # noqa: E402
 
 pytest.importorskip('torch')
 
@@ -194,3 +194,33 @@ def test_the_exported_search_graphs_follow_the_beam_width(world, loc):
     assert on_torch.backend.name == 'torch'
     img = _image(5)
     assert on_torch.localize(img).cell == loc.localize(img).cell
+
+
+def test_the_fused_localizer_weighs_the_zoom_steps_with_retrieval(world, tmp_path):
+    fw = make_world(tmp_path / 'fused', with_retrieval=True)
+    loc = GeoZoomLocalizer(fw['bundle'], fw['policy'], backend='torch', beam_width=4,
+                           method='zoom-fused', retrieval_model=fw['retr'], zoom_weight=0.7)
+    img = _image(5)
+    fix = loc.localize(img, heading_deg=30.0)
+    g = loc.backend.encode_ground([img])[0]
+    e = loc.retrieval.embed_ground([img])[0]
+    ev = retrieval_evidence(loc.bundle, e, loc.retrieval_scale, 30.0)
+    want = fused(loc.backend, loc.bundle, g, ev, width=4, zoom_weight=0.7)
+    assert fix.cell == want.cell
+    assert fix.confidence == pytest.approx(want.confidence, rel=1e-5)
+    assert [h.cell for h in fix.hypotheses] == [h.cell for h in want.hypotheses]
+    # Retrieval alone (weight 0) is another search: the decoder's weight matters.
+    alone = fused(loc.backend, loc.bundle, g, ev, width=4, zoom_weight=0.0)
+    plain = beam(loc.backend, loc.bundle, g, width=4)
+    assert [h.prob for h in alone.hypotheses] != [h.prob for h in plain.hypotheses]
+    with pytest.raises(ConfigError, match='needs retrieval_model'):
+        GeoZoomLocalizer(fw['bundle'], fw['policy'], backend='torch', method='zoom-fused')
+    with pytest.raises(ConfigError, match='zoom_weight'):
+        GeoZoomLocalizer(fw['bundle'], fw['policy'], backend='torch', method='zoom-fused',
+                         retrieval_model=fw['retr'], zoom_weight=float('nan'))
+    with pytest.raises(InputError, match='no retrieval embeddings'):
+        GeoZoomLocalizer(world['bundle'], world['policy'], backend='torch',
+                         method='zoom-fused', retrieval_model=fw['retr'])
+    with pytest.raises(InputError, match='not a retrieval model'):
+        GeoZoomLocalizer(fw['bundle'], fw['policy'], backend='torch', method='zoom-fused',
+                         retrieval_model=fw['other'])

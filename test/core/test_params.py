@@ -62,6 +62,8 @@ def test_the_shipped_yaml_is_the_defaults():
     ({'image_topic': ' '}, 'image_topic is empty'),
     ({'prior_source': 'odometry', 'prior_topic': ''}, 'prior_topic is empty'),
     ({'model': ''}, 'model is not set'),
+    ({'method': 'zoom-fused'}, 'retrieval_model is not set but method is zoom-fused'),
+    ({'zoom_weight': -0.5}, 'zoom_weight=-0.5 must be >= 0.0'),
 ])
 def test_bad_values_are_one_line_config_errors(changes, match):
     with pytest.raises(ConfigError, match=match) as exc:
@@ -98,6 +100,12 @@ def test_yaml_files_ros_layout_node_sections_and_errors(tmp_path):
 def test_check_files_names_the_missing_path(tmp_path):
     p = NodeParams.from_dict(_good(bundle=str(tmp_path / 'nowhere')))
     with pytest.raises(InputError, match='bundle .*nowhere does not exist'):
+        p.validate(check_files=True)
+    (tmp_path / 'b').mkdir()
+    (tmp_path / 'm').mkdir()
+    p = NodeParams.from_dict(_good(bundle=str(tmp_path / 'b'), model=str(tmp_path / 'm'),
+                                   method='zoom-fused', retrieval_model=str(tmp_path / 'r')))
+    with pytest.raises(InputError, match='retrieval_model .*r does not exist'):
         p.validate(check_files=True)
 
 

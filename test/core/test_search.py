@@ -10,13 +10,15 @@ from geozoom_ros.errors import InputError
 from geozoom_ros.geo import (actions_between, ancestor, Cell, cell_at, cell_bounds, cell_center,
                              cell_size_m, child, geodesic_distance_m)
 from geozoom_ros.runtime.base import PolicyBackend
-from geozoom_ros.search import beam, greedy, hypotheses_covariance, Prior
+from geozoom_ros.search import (beam, fused, greedy, hypotheses_covariance, Prior,
+                                retrieval_evidence)
 
 K, STEPS, ROOT_Z, D = 4, 3, 14, 8
+E = 6  # retrieval embedding size
 ROOT = cell_at(48.137, 11.575, ROOT_Z)
 
 
-def _make_bundle(tmp_path, bounds, coverage_fn=None, name='b'):
+def _make_bundle(tmp_path, bounds, coverage_fn=None, name='b', retrieval_seed=None):
     levels = make_levels(bounds, ROOT_Z, K, STEPS)
     n = sum(lv.count for lv in levels if lv.offset >= 0)
     tokens = np.zeros((n, D), np.float32)
@@ -30,7 +32,14 @@ def _make_bundle(tmp_path, bounds, coverage_fn=None, name='b'):
     extra = {'grid_k': K, 'steps': STEPS, 'root_zoom': ROOT_Z, 'view_size': 64,
              'map': {'path': 'test.mbtiles', 'sha256': 'x', 'bounds': list(bounds)},
              'model': {'hash': 'f' * 64}}
-    return load_bundle(write_bundle(tmp_path / name, levels, tokens, extra, coverage))
+    retrieval = None
+    if retrieval_seed is not None:  # unit retrieval embeddings of every level's cells
+        rng = np.random.default_rng(retrieval_seed)
+        retrieval = rng.normal(size=(sum(lv.count for lv in levels), E))
+        retrieval /= np.linalg.norm(retrieval, axis=1, keepdims=True)
+        extra['retrieval'] = {'model_hash': 'e' * 64}
+    return load_bundle(write_bundle(tmp_path / name, levels, tokens, extra, coverage,
+                                    retrieval=retrieval))
 
 
 def _shrink(bounds, eps=1e-6):
@@ -285,3 +294,117 @@ def test_residual_covariance_counts_the_mass_outside_the_hypotheses(one_root):
     lat, lon = cell_center(_terminal(ROOT, [3, 3, 3]))
     pr = greedy(backend, one_root, np.ones(D), prior=(lat, lon, 400.0), residual=True)
     assert np.trace(pr.cov_en) < np.trace(res.cov_en)
+
+
+# --------------------------------------------------------------------------------------------
+# The fused search: decoder x retrieval evidence
+
+def _terminal_scores(bundle, e, scale):
+    """Return (cells, scale * cos) of every terminal cell, brute force."""
+    vecs = np.asarray(bundle.terminal_retrieval(), np.float32)
+    return bundle.terminal.cells(), scale * (vecs @ e.astype(np.float32)).astype(np.float64)
+
+
+@pytest.fixture(scope='module')
+def two_roots(tmp_path_factory):
+    east = Cell(ROOT.x + 1, ROOT.y, ROOT_Z)
+    w, s, _, n = cell_bounds(ROOT)
+    bounds = (w + 0.01, s + 0.001, cell_bounds(east)[2] - 0.01, n - 0.001)
+    return _make_bundle(tmp_path_factory.mktemp('fused'), bounds, name='two',
+                        retrieval_seed=3)
+
+
+def test_retrieval_evidence_is_the_log_mass_of_the_terminal_cells_inside(two_roots):
+    b = two_roots
+    e = np.random.default_rng(1).normal(size=E)
+    e /= np.linalg.norm(e)
+    ev = retrieval_evidence(b, e, 7.0)
+    cells, scores = _terminal_scores(b, e, 7.0)
+    assert len(ev) == STEPS + 1 and np.allclose(ev[-1], scores, atol=1e-5)
+    for level in range(STEPS):
+        z = b.levels[level].zoom
+        for i, c in enumerate(b.levels[level].cells()):
+            inside = [s for t, s in zip(cells, scores) if ancestor(t, z) == c]
+            want = np.logaddexp.reduce(inside) if inside else -np.inf
+            assert ev[level][i] == pytest.approx(want, abs=1e-5), (level, c)
+    # The roots hold all the mass.
+    assert np.logaddexp.reduce(ev[0]) == pytest.approx(np.logaddexp.reduce(scores), abs=1e-5)
+    with pytest.raises(InputError, match='retrieval embedding has shape'):
+        retrieval_evidence(b, np.ones(E + 1), 7.0)
+
+
+def test_fused_without_the_decoder_is_retrieval_over_the_whole_map(two_roots):
+    b = two_roots
+    cells, _ = _terminal_scores(b, np.ones(E), 1.0)
+    table = {}
+    _plant(table, cells[0], ancestor(cells[0], ROOT_Z), strength=9.0)  # ignored at weight 0
+    backend = PlantedBackend(b, table)
+    rng = np.random.default_rng(2)
+    for _ in range(5):
+        e = rng.normal(size=E)
+        e /= np.linalg.norm(e)
+        _, scores = _terminal_scores(b, e, 20.0)
+        res = fused(backend, b, np.ones(D), retrieval_evidence(b, e, 20.0), width=64,
+                    zoom_weight=0.0)
+        best = int(np.argmax(scores))
+        # The chain of the retrieval softmax's conditionals is the softmax over all cells,
+        # across both roots.
+        assert res.hypotheses[0].cell == cells[best]
+        p = np.exp(scores - np.logaddexp.reduce(scores))
+        assert res.confidence == pytest.approx(p[best], rel=1e-4)
+        assert sum(h.prob for h in res.hypotheses) <= 1 + 1e-9
+
+
+def test_fused_with_flat_evidence_is_the_zoom_beam(one_root, tmp_path):
+    table = {}
+    good = _terminal(ROOT, [9, 6, 12])
+    _plant(table, good, ROOT, strength=3.0)
+    table[ROOT][2] = 2.5
+    backend = PlantedBackend(one_root, table)
+    # Equal scores everywhere: every child of a full root holds the same mass.
+    flat = [np.full(lv.count, 0.0) for lv in one_root.levels]
+    want = beam(backend, one_root, np.ones(D), width=4)
+    got = fused(backend, one_root, np.ones(D), flat, width=4, zoom_weight=1.0)
+    assert [h.cell for h in got.hypotheses] == [h.cell for h in want.hypotheses]
+    np.testing.assert_allclose([h.prob for h in got.hypotheses],
+                               [h.prob for h in want.hypotheses], rtol=1e-9)
+
+
+def test_the_zoom_weight_trades_the_decoder_against_retrieval(one_root):
+    decoder_says = _terminal(ROOT, [5, 10, 3])
+    retrieval_says = _terminal(ROOT, [12, 1, 7])
+    table = {}
+    _plant(table, decoder_says, ROOT, strength=4.0)
+    backend = PlantedBackend(one_root, table)
+    term = one_root.terminal
+    scores = np.zeros(term.count)
+    scores[term.local_index([retrieval_says.x], [retrieval_says.y])[0][0]] = 6.0
+    ev = [None] * STEPS + [scores]
+    for level in range(STEPS - 1, -1, -1):  # the log mass of the cells below
+        lv, below = one_root.levels[level], one_root.levels[level + 1]
+        bx, by = below.cell_arrays()
+        parent = lv.local_index(bx // K, by // K)[0]
+        ev[level] = np.full(lv.count, -np.inf)
+        np.logaddexp.at(ev[level], parent, ev[level + 1])
+    picks = {w: fused(backend, one_root, np.ones(D), ev, width=8, zoom_weight=w)
+             for w in (0.0, 0.5, 3.0)}
+    assert picks[0.0].cell == retrieval_says
+    assert picks[3.0].cell == decoder_says
+    # Each expert's cell keeps some probability in between.
+    mid = {h.cell: h.prob for h in picks[0.5].hypotheses}
+    assert decoder_says in mid and retrieval_says in mid
+
+
+def test_fused_bad_input_is_one_line(one_root, two_roots):
+    backend = PlantedBackend(one_root, {})
+    flat = [np.zeros(lv.count) for lv in one_root.levels]
+    with pytest.raises(InputError, match='needs retrieval evidence'):
+        fused(backend, one_root, np.ones(D), None)
+    with pytest.raises(InputError, match='needs retrieval evidence'):
+        fused(backend, one_root, np.ones(D), flat[:-1])
+    with pytest.raises(InputError, match='zoom weight'):
+        fused(backend, one_root, np.ones(D), flat, zoom_weight=-1.0)
+    with pytest.raises(InputError, match='beam width'):
+        fused(backend, one_root, np.ones(D), flat, width=0)
+    with pytest.raises(InputError, match='no retrieval embeddings'):
+        retrieval_evidence(one_root, np.ones(E), 1.0)
