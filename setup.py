@@ -16,7 +16,8 @@ setup(
     name=PACKAGE,
     version='0.1.0',
     packages=find_packages(exclude=['test', 'test.*']),
-    package_data={PACKAGE: ['assets/model/*.json', 'assets/model/*.safetensors']},
+    package_data={PACKAGE: ['assets/model/*.json', 'assets/model/*.safetensors',
+                            'assets/retrieval/*.json', 'assets/retrieval/*.safetensors']},
     data_files=[
         ('share/ament_index/resource_index/packages', ['resource/' + PACKAGE]),
         ('share/' + PACKAGE, ['package.xml']),

@@ -3,10 +3,12 @@
 Steps (each writes an artefact and is skipped when the artefact is already there):
 1. make the demo world (a generated city: orthophoto, MBTiles pyramid, ground views, a 2 km
    drive bag) through `geozoom world make`'s code path;
-2. index the map with the shipped model (`geozoom index`): every cell view encoded once;
+2. index the map with the shipped model and the shipped retrieval model (`geozoom index
+   --with-retrieval`): every cell view encoded once;
 3. draw the world's preview sheet and, for a few test views, the true zoom path;
 4. play the drive bag through the real geozoom_node over rclpy (`geozoom replay` feeding the
-   node in its own process) and record the fixes it publishes;
+   node in its own process; the fused search, method zoom-fused, by default) and record the
+   fixes it publishes;
 5. score those fixes against the bag's ground truth, replay the EKF fusion of odometry, IMU
    and fixes, write the report, and print the metrics table and the report's path.
 """
@@ -18,6 +20,8 @@ DEMO_WORLD = dict(seed=7, size_m=1200.0, origin=(47.3769, 8.5417), style='summer
 DEMO_N_GROUND = 400
 #: The shipped model, trained on the demo world (see config/train/ and README).
 SHIPPED_MODEL = Path(__file__).resolve().parent / 'assets' / 'model'
+#: The shipped retrieval model of the fused search, trained on the demo city and two others.
+SHIPPED_RETRIEVAL = Path(__file__).resolve().parent / 'assets' / 'retrieval'
 #: Replay speed of the drive: the node keeps the newest frame, so a faster replay only means
 #: fewer frames localised.
 DEMO_RATE = 2.0
@@ -32,6 +36,11 @@ def register(sub):
     p.add_argument('--samples', type=int, default=4, help='ground views to show zoom paths for')
     p.add_argument('--model', type=Path, default=SHIPPED_MODEL,
                    help='model folder (default: the shipped model)')
+    p.add_argument('--method', default='zoom-fused', choices=('zoom-fused', 'zoom-beam'),
+                   help='the node\'s search (default zoom-fused: the zoom steps weighed by the '
+                        'retrieval model)')
+    p.add_argument('--retrieval-model', type=Path, default=SHIPPED_RETRIEVAL,
+                   help='retrieval model of the fused search (default: the shipped one)')
     p.add_argument('--rate', type=float, default=DEMO_RATE,
                    help=f'replay speed of the drive (default {DEMO_RATE:g}x)')
     p.set_defaults(func=run)
@@ -49,10 +58,16 @@ def run(args):
     out.mkdir(parents=True, exist_ok=True)
     if not (args.model / 'config.json').exists():
         raise InputError(f'model {args.model} has no config.json; pass --model MODEL_DIR')
+    fused = args.method == 'zoom-fused'
+    if fused and not (args.retrieval_model / 'config.json').exists():
+        raise InputError(f'retrieval model {args.retrieval_model} has no config.json; pass '
+                         '--retrieval-model MODEL_DIR or --method zoom-beam')
+    retrieval = args.retrieval_model if fused else None
     t0 = time.monotonic()
     world_dir = make_demo_world(out / 'world', force=args.force)
     _step(f'world ready in {world_dir} ({time.monotonic() - t0:.0f} s)')
-    bundle = index_demo_map(world_dir, args.model, out / 'bundle', force=args.force)
+    bundle = index_demo_map(world_dir, args.model, out / 'bundle', force=args.force,
+                            retrieval_model=retrieval)
     _step(f'map bundle ready in {bundle} ({time.monotonic() - t0:.0f} s)')
     sheet = world_dir / 'preview.png'
     if args.force or not sheet.exists():
@@ -61,17 +76,23 @@ def run(args):
     _step(f'preview sheet: {sheet}')
     for p in render_zoom_paths(world_dir, out / 'zoom_paths', args.samples, args.model):
         _step(f'zoom path: {p}')
+    node = dict(method='zoom-fused', retrieval_model=str(retrieval)) if fused else {}
     report, _ = run_drive(world_dir / 'drive.mcap', world_dir / 'map.mbtiles', bundle,
-                          args.model, out / 'drive', args.rate)
+                          args.model, out / 'drive', args.rate, **node)
     _step(f'done in {time.monotonic() - t0:.0f} s; report: {report}')
     return 0
 
 
-def index_demo_map(world_dir, model, bundle_dir, force=False):
-    """Encode every cell view of the demo map with ``model`` (reused when current)."""
+def index_demo_map(world_dir, model, bundle_dir, force=False, retrieval_model=None):
+    """Encode every cell view of the demo map with ``model`` (reused when current).
+
+    With ``retrieval_model``, also its embeddings of every cell's crop (the fused search's).
+    """
     from geozoom_ros.bundle import build_bundle
-    _step('indexing the map: every cell view the policy can visit, encoded once')
-    return build_bundle(world_dir / 'map.mbtiles', model, bundle_dir, overwrite=force)
+    _step('indexing the map: every cell view the policy can visit, encoded once'
+          + (', with the retrieval crops' if retrieval_model else ''))
+    return build_bundle(world_dir / 'map.mbtiles', model, bundle_dir, overwrite=force,
+                        retrieval_model=retrieval_model)
 
 
 def demo_node_params(bundle, model, **overrides):

@@ -54,7 +54,7 @@ _HALF = math.pi * EARTH_RADIUS_M  # half the Web-Mercator world width (m)
 #: A prior region spans this many standard deviations.
 PRIOR_SIGMAS = 3.0
 #: The decoder's weight in the fused search (chosen on the demo city's validation split).
-DEFAULT_ZOOM_WEIGHT = 0.5
+DEFAULT_ZOOM_WEIGHT = 0.75
 
 
 @dataclass(frozen=True)

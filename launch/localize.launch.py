@@ -8,6 +8,9 @@ Arguments (``ros2 launch geozoom_ros localize.launch.py map:=... model:=...``):
   ``image_transport: compressed`` in the parameters file).
 - ``use_ekf``: also start robot_localization: ``ekf_node`` twice (REP-105: ``ekf_odom`` in
   the odom frame, ``ekf_map`` in the map frame) and ``navsat_transform_node`` (default false).
+- ``retrieval_model``: a retrieval model folder; when given, the node runs the fused search
+  (``method: zoom-fused``) and the bundle must hold that model's crop embeddings
+  (``geozoom index --with-retrieval``). Default: the parameters file's method.
 - ``params_file``: geozoom_node's parameters (default: the installed config/localize.yaml).
 - ``datum``: ``"lat,lon"`` or ``"lat,lon,yaw"`` (degrees, degrees, radians counter-clockwise
   from east) of the map frame's origin; default: the centre of the map bundle.
@@ -31,6 +34,8 @@ ARGUMENTS = {
     'model': ('', 'model folder the bundle was built with (required)'),
     'image_topic': ('/camera/image_raw', 'camera topic'),
     'use_ekf': ('false', 'also start robot_localization (two ekf_node, navsat_transform_node)'),
+    'retrieval_model': ('', 'retrieval model folder: run the fused search (method zoom-fused) '
+                            'with it'),
     'params_file': ('', 'geozoom_node parameters (default: config/localize.yaml)'),
     'datum': ('', '"lat,lon[,yaw]" of the map frame origin (default: the map centre)'),
 }
@@ -64,6 +69,8 @@ def plan(values, share_dir):
     use_ekf = _truthy(values.get('use_ekf', 'false'))
     overrides = {'bundle': bundle, 'model': model,
                  'image_topic': values.get('image_topic') or base.image_topic}
+    if values.get('retrieval_model'):
+        overrides.update(method='zoom-fused', retrieval_model=values['retrieval_model'])
     nodes = []
     if use_ekf:
         if values.get('datum'):

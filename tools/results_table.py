@@ -7,8 +7,9 @@ Usage (after training a model on WORLD's train split):
 For WORLD it evaluates zoom and zoom-beam on test-same (same area, new positions) and
 test-cross (blocks with no training view), and zoom-beam with a prior of the given sigma on
 test-same; for each unseen world (another seed and style, never used in training) zoom and
-zoom-beam on all its views. With ``--retrieval`` the baselines run beside them on the same
-queries: retrieval (nearest terminal-cell crop) and ground-only kNN (nearest training-split
+zoom-beam on all its views. With ``--retrieval`` the fused search (zoom-fused, with and
+without the prior) and the baselines run beside them on the same queries: retrieval
+(nearest terminal-cell crop) and ground-only kNN (nearest training-split
 ground image of WORLD; for an unseen world that reference set is WORLD's, a different city,
 so kNN is at chance there by construction). Bundles are built once per world and model
 (`geozoom index`, with the retrieval embeddings when ``--retrieval`` is given).
@@ -35,10 +36,13 @@ def geozoom(*args):
     return out.stdout
 
 
-def evaluate(bundle, model, data, method, split=None, prior=None, limit=None, train_index=None):
+def evaluate(bundle, model, data, method, split=None, prior=None, limit=None, train_index=None,
+             retrieval=None):
     """Return the JSON summary of one `geozoom eval` run."""
     args = ['eval', '--bundle', bundle, '--model', model, '--data', data, '--method', method,
             '--json', '--no-progress']
+    if method == 'zoom-fused':
+        args += ['--retrieval-model', retrieval]
     if split:
         args += ['--split', split]
     if prior:
@@ -101,13 +105,15 @@ def main(argv=None):
         data = world / 'ground' / 'index.csv'
         name = world.name
         runs = []
-        methods = ('zoom', 'zoom-beam') + baselines
+        methods = ('zoom', 'zoom-beam') + (('zoom-fused',) if args.retrieval else ()) \
+            + baselines
         if trained:
             for split, regime in (('test-same', 'same area'), ('test-cross', 'cross-area')):
                 for method in methods:
                     runs.append((regime, method, split, None))
-            runs.append(('same area, prior', f'zoom-beam, prior sigma '
-                         f'{args.prior_sigma_m:g} m', 'test-same', args.prior_sigma_m))
+            for method in ('zoom-beam', 'zoom-fused') if args.retrieval else ('zoom-beam',):
+                runs.append(('same area, prior', f'{method}, prior sigma '
+                             f'{args.prior_sigma_m:g} m', 'test-same', args.prior_sigma_m))
         else:
             for method in methods:
                 runs.append(('unseen city', method, None, None))
@@ -115,7 +121,7 @@ def main(argv=None):
             base = method.split(',')[0]
             model = args.retrieval if base in baselines else args.model
             r = evaluate(bundle, model, data, base, split, prior, args.limit,
-                         reference if base == 'ground-knn' else None)
+                         reference if base == 'ground-knn' else None, args.retrieval)
             lines.append(row(name, regime, method, r))
             print(lines[-1], flush=True)
     text = '\n'.join(lines) + '\n'

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from geozoom_ros.errors import ConfigError, InputError
 from geozoom_ros.ros import topics
+from geozoom_ros.search import DEFAULT_ZOOM_WEIGHT
 
 #: The node's name (and the key of its section in a ROS parameters file).
 NODE_NAME = 'geozoom_node'
@@ -59,8 +60,9 @@ class NodeParams:
                          high=256)
     retrieval_model: str = _p('', 'zoom-fused: the retrieval model whose crop embeddings the '
                                   'bundle holds (geozoom index --with-retrieval)')
-    zoom_weight: float = _p(0.5, "zoom-fused: the decoder's weight against the retrieval "
-                                 'evidence (0 = retrieval alone)', low=0.0, high=100.0)
+    zoom_weight: float = _p(DEFAULT_ZOOM_WEIGHT, "zoom-fused: the decoder's weight against "
+                            'the retrieval evidence (0 = retrieval alone)', low=0.0,
+                            high=100.0)
     calibration: str = _p('auto', "covariance calibration: 'auto' (the model folder's "
                                   "calibration.json when present), 'none', or a file path")
     cov_scale: float = _p(1.0, 'factor applied to the search covariance (calibration)',

@@ -4,8 +4,10 @@ Three parts, measured in one run (ratios are what to read on a noisy machine):
 
 1. Latency per frame on a real map bundle, for every backend that loads (torch,
    onnxruntime, tensorrt): p50/p95 of the encoder, the beam search (width 8) and the total, in
-   milliseconds, and the ratio search / encoder. Resident memory growth over the frames and
-   tracemalloc's Python allocations per frame after warm-up (onnxruntime backend).
+   milliseconds, and the ratio search / encoder. With a retrieval model, the fused search too
+   (``onnxruntime-fused``: its encoder time holds both encoders and the retrieval evidence).
+   Resident memory growth over the frames and tracemalloc's Python allocations per frame
+   after warm-up (onnxruntime backend).
 2. Scaling with map area (1, 100, 10 000 km2 by default): zoom beam search on bundles whose
    tokens are synthetic (a fixed pool's rows, then zeros, in a memory-mapped file as a real
    bundle's: the search's cost does not depend on token values), once over every root and
@@ -60,6 +62,10 @@ def register(bench_sub):
                    help='map areas in km2 for the scaling benchmark (1,100,10000)')
     p.add_argument('--threads', type=int, default=1, help='CPU threads per backend (1)')
     p.add_argument('--beam', type=int, default=8, help='beam width (8)')
+    p.add_argument('--retrieval-model', default=None, metavar='RETRIEVAL_MODEL',
+                   help='also time the fused search (onnxruntime-fused: the policy on '
+                        'onnxruntime, the retrieval model on torch); the bundle must hold its '
+                        'embeddings (built here when --bundle is not given)')
     p.add_argument('--backends', default='torch,torch-cuda,onnxruntime,tensorrt',
                    help='backends to try (those that cannot load are reported and skipped; '
                         'default torch,torch-cuda,onnxruntime,tensorrt); torch-cuda runs the '
@@ -90,8 +96,11 @@ def _rss():
         return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE')
 
 
-def _prepare(folder, model=None, bundle=None):
-    """Return ``(model, bundle, note)``; build what is missing in ``folder``."""
+def _prepare(folder, model=None, bundle=None, retrieval_model=None):
+    """Return ``(model, bundle, note)``; build what is missing in ``folder``.
+
+    A bundle built here holds ``retrieval_model``'s embeddings when one is given.
+    """
     from geozoom_ros.errors import InputError
 
     if bundle is not None and model is None:
@@ -103,7 +112,12 @@ def _prepare(folder, model=None, bundle=None):
     if model is None:
         world = make_small_world(folder, size_m=400.0, gsd_m=0.5, **CPU_RECIPE)
         note = 'untrained policy with the CPU recipe sizes (random init) on a 400 m synthetic map'
-        return world['model'], world['bundle'], note
+        if retrieval_model is None:
+            return world['model'], world['bundle'], note
+        from geozoom_ros.bundle import build_bundle
+        out = build_bundle(world['map'], world['model'], Path(folder) / 'bundle-fused',
+                           batch_size=16, progress=False, retrieval_model=retrieval_model)
+        return world['model'], out, note
     from geozoom_ros.bundle import build_bundle
     from geozoom_ros.tiles.bench import synthetic_ortho
     from geozoom_ros.tiles.build import build_mbtiles
@@ -111,16 +125,23 @@ def _prepare(folder, model=None, bundle=None):
     synthetic_ortho(Path(folder) / 'ortho.tif', size_m=400.0, gsd_m=0.5)
     mbtiles = build_mbtiles(Path(folder) / 'ortho.tif', Path(folder) / 'map.mbtiles',
                             workers=1, progress=False)
-    out = build_bundle(mbtiles, model, Path(folder) / 'bundle', batch_size=16, progress=False)
+    out = build_bundle(mbtiles, model, Path(folder) / 'bundle', batch_size=16, progress=False,
+                       retrieval_model=retrieval_model)
     return Path(model), out, 'given model on a 400 m synthetic map'
 
 
-def _backend_latency(backend, bundle_path, model, frames, warmup, beam, threads):
+def _backend_latency(backend, bundle_path, model, frames, warmup, beam, threads,
+                     retrieval_model=None):
     from geozoom_ros.localizer import GeoZoomLocalizer
 
     kind, kwargs = backend, {}
-    if backend == 'onnxruntime':
-        kwargs = {'threads': threads}
+    if backend in ('onnxruntime', 'onnxruntime-fused'):
+        kind, kwargs = 'onnxruntime', {'threads': threads}
+        if backend == 'onnxruntime-fused':
+            from geozoom_ros.runtime import BackendUnavailable
+            if retrieval_model is None:
+                raise BackendUnavailable(f'backend {backend}: give --retrieval-model')
+            kwargs.update(method='zoom-fused', retrieval_model=retrieval_model)
     elif backend in ('torch-cuda', 'torch-cuda-eager'):  # the torch backend on the GPU
         import torch
 
@@ -465,8 +486,11 @@ def _faiss_times(faiss, gallery, q, nlist, rng, repeats):
 
 def run_bench(model=None, bundle=None, frames=100, warmup=5, areas=(1, 100, 10000), threads=1,
               beam=8, backends=('torch', 'torch-cuda', 'onnxruntime', 'tensorrt'),
-              scaling_repeats=50, folder=None):
-    """Run the benchmark; return a dict of measured figures (see the module docstring)."""
+              scaling_repeats=50, folder=None, retrieval_model=None):
+    """Run the benchmark; return a dict of measured figures (see the module docstring).
+
+    With ``retrieval_model`` the fused search is timed too (backend 'onnxruntime-fused').
+    """
     import torch
 
     from geozoom_ros.runtime import BackendUnavailable
@@ -474,7 +498,9 @@ def run_bench(model=None, bundle=None, frames=100, warmup=5, areas=(1, 100, 1000
     torch.set_num_threads(int(threads))
     with tempfile.TemporaryDirectory(prefix='geozoom-bench-') as tmp:
         folder = Path(folder or tmp)
-        model, bundle, note = _prepare(folder, model, bundle)
+        model, bundle, note = _prepare(folder, model, bundle, retrieval_model)
+        if retrieval_model is not None and 'onnxruntime-fused' not in backends:
+            backends = tuple(backends) + ('onnxruntime-fused',)
         rss_start = _rss()
         out = {'model': note, 'threads': int(threads), 'beam': int(beam),
                'bundle_bytes': sum(p.stat().st_size for p in Path(bundle).rglob('*')
@@ -483,7 +509,8 @@ def run_bench(model=None, bundle=None, frames=100, warmup=5, areas=(1, 100, 1000
         locs = {}
         for name in backends:
             try:
-                row, loc = _backend_latency(name, bundle, model, frames, warmup, beam, threads)
+                row, loc = _backend_latency(name, bundle, model, frames, warmup, beam, threads,
+                                            retrieval_model)
             except BackendUnavailable as exc:
                 out['unavailable'][name] = str(exc)
                 continue
@@ -492,7 +519,9 @@ def run_bench(model=None, bundle=None, frames=100, warmup=5, areas=(1, 100, 1000
         if not locs:
             raise BackendUnavailable('no backend could load: '
                                      + '; '.join(out['unavailable'].values()))
-        chosen = locs.get('onnxruntime') or next(iter(locs.values()))
+        # The allocation and scaling figures are the plain zoom search's.
+        plain = {n: loc for n, loc in locs.items() if loc.method != 'zoom-fused'} or locs
+        chosen = plain.get('onnxruntime') or next(iter(plain.values()))
         out['allocations'] = {'backend': chosen.backend.name, **_allocations(chosen)}
         out['compute'] = compute_cost(model, beam)
         out['scaling_backend'] = chosen.backend.name
@@ -567,7 +596,8 @@ def _run(args):
         from geozoom_ros.demo import SHIPPED_MODEL
         model = SHIPPED_MODEL
     res = run_bench(model, args.bundle, args.frames, args.warmup, areas, args.threads,
-                    args.beam, tuple(b for b in args.backends.split(',') if b))
+                    args.beam, tuple(b for b in args.backends.split(',') if b),
+                    retrieval_model=args.retrieval_model)
     if args.json:
         print(json.dumps(res, indent=2, sort_keys=True))
     else:

@@ -14,6 +14,7 @@ from test_bundle import make_world  # noqa: E402,I100
 
 from geozoom_ros.cli import main  # noqa: E402,I100
 from geozoom_ros.geo import cell_center, destination, LocalFrame  # noqa: E402
+from geozoom_ros.search import DEFAULT_ZOOM_WEIGHT  # noqa: E402
 
 pytest.importorskip('torch')
 
@@ -94,7 +95,7 @@ def test_eval_json_has_every_key_for_every_method(world, capsys, method, model):
     if method == 'zoom-fused':
         from geozoom_ros.model.io import model_hash
 
-        assert res['zoom_weight'] == 0.5 and res['beam_width'] == 3
+        assert res['zoom_weight'] == DEFAULT_ZOOM_WEIGHT and res['beam_width'] == 3
         assert res['retrieval_model_sha256'] == model_hash(world['retr'])
 
 

@@ -111,3 +111,28 @@ def test_bench_cli_json(world, capsys):
     assert set(res['backends']) == {'onnxruntime'} and len(res['scaling']) == 1
     assert main(['bench', 'runtime', '--bundle', str(world['bundle'])]) == 2
     assert '--bundle needs --model' in capsys.readouterr().err
+
+
+def test_bench_times_the_fused_search_beside_the_plain_one(world, tmp_path):
+    from geozoom_ros.bundle import build_bundle, load_bundle
+    from geozoom_ros.model.config import PolicyConfig
+    from geozoom_ros.model.io import save_model
+    from geozoom_ros.model.retrieval import RetrievalModel
+
+    cfg = PolicyConfig(embed_dim=16, view_size=32, ground_size=(32, 32), decoder_heads=2,
+                       context_m=60.0)
+    retr = save_model(RetrievalModel(cfg, pretrained=True), tmp_path / 'retr')
+    bundle = build_bundle(world['map'], world['model'], tmp_path / 'bundle', batch_size=8,
+                          progress=False, retrieval_model=retr)
+    assert load_bundle(bundle).retrieval is not None
+    res = run_bench(world['model'], bundle, frames=3, warmup=1, areas=(1,),
+                    scaling_repeats=2, backends=('onnxruntime',), retrieval_model=retr)
+    assert set(res['backends']) == {'onnxruntime', 'onnxruntime-fused'}
+    for row in res['backends'].values():
+        _check_latency(row)
+    # The fused search's encoder time holds the retrieval encoder too, and it decodes step by
+    # step (no whole-search graph).
+    fused, plain = res['backends']['onnxruntime-fused'], res['backends']['onnxruntime']
+    assert fused['encoder']['p50'] > plain['encoder']['p50']
+    assert 'search_split' not in fused and 'search_split' in plain
+    assert res['allocations']['backend'] == 'onnxruntime'

@@ -23,7 +23,8 @@ from geozoom_ros.ros.params import NodeParams
 ROOT = Path(__file__).resolve().parents[2]
 LAUNCH = ROOT / 'launch' / 'localize.launch.py'
 CONFIGS = ('localize.yaml', 'ekf.yaml', 'navsat_transform.yaml')
-EXPECTED_ARGS = {'map', 'model', 'image_topic', 'use_ekf', 'params_file', 'datum'}
+EXPECTED_ARGS = {'map', 'model', 'image_topic', 'use_ekf', 'retrieval_model', 'params_file',
+                 'datum'}
 DATUM = '47.3701,8.5402,0.25'
 
 
@@ -114,6 +115,10 @@ def test_plan_without_ekf_starts_only_the_node(tmp_path):
         plan({'map': '', 'model': '/m'}, str(ROOT))
     with pytest.raises(ValueError, match='use_ekf'):
         plan({'map': '/b', 'model': '/m', 'use_ekf': 'maybe'}, str(ROOT))
+    fused = plan({'map': '/b', 'model': '/m', 'retrieval_model': '/r'}, str(ROOT))
+    assert fused[0]['parameters'][1] == {'bundle': '/b', 'model': '/m',
+                                         'image_topic': '/camera/image_raw',
+                                         'method': 'zoom-fused', 'retrieval_model': '/r'}
     bad = tmp_path / 'bad.yaml'
     bad.write_text('/**:\n  ros__parameters:\n    beam_width: 0\n')
     with pytest.raises(ConfigError, match='beam_width=0'):
