@@ -630,7 +630,10 @@ def retrieval_evidence(bundle, embedding, scale, heading_deg=None):
         raise InputError(f'retrieval embedding has shape {e.shape} (finite: '
                          f'{bool(np.all(np.isfinite(e)))}); bundle {bundle.path} holds '
                          f'embeddings of {vecs.shape[1]} floats')
-    scores = float(scale) * (np.asarray(vecs, np.float32) @ e).astype(np.float64)
+    # einsum, not BLAS: a BLAS matrix-vector product of this size starts a thread pool whose
+    # spinning threads then slow the next frame's encoder passes several times over.
+    scores = float(scale) * np.einsum('te,e->t', np.asarray(vecs, np.float32),
+                                      e).astype(np.float64)
     out = [None] * (bundle.steps + 1)
     out[-1] = scores
     for level in range(bundle.steps - 1, -1, -1):

@@ -51,6 +51,10 @@ def register(sub):
     p.add_argument('--prior-sigma-m', type=float, default=None,
                    help='give the search a prior drawn around the truth with this sigma (m)')
     p.add_argument('--seed', type=int, default=0, help='seed of the prior draws')
+    p.add_argument('--no-heading', dest='use_heading', action='store_false',
+                   help="ignore the queries' camera headings (as a robot without a compass): "
+                        'heading models run heading-free, heading-aligned retrieval uses '
+                        'the north-up crops')
     p.add_argument('--residual-cov', action='store_true',
                    help='zoom methods: count the probability outside the hypotheses in the '
                         'covariance')
@@ -205,7 +209,7 @@ def _eval(args):
                        prior_sigma_m=args.prior_sigma_m, seed=args.seed, backend=args.backend,
                        device=args.device, knn_index=knn_index,
                        retrieval_model=args.retrieval_model, zoom_weight=args.zoom_weight,
-                       residual_cov=args.residual_cov,
+                       use_heading=args.use_heading, residual_cov=args.residual_cov,
                        progress=not args.no_progress and not args.json,
                        calibration=args.calibration)
     calibration = calibration_for(args.model, opts)

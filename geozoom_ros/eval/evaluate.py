@@ -266,13 +266,14 @@ class _Nearest:
         if self.index is not None:
             sims, idx = self.index.search(q, k)
             return sims[0], idx[0]
-        sims = self.vectors @ q[0]
+        sims = self.all_sims(q[0])
         top = np.argpartition(-sims, k - 1)[:k]
         top = top[np.argsort(-sims[top])]
         return sims[top], top
 
     def all_sims(self, q):
-        return self.vectors @ np.asarray(q, np.float32).reshape(-1)
+        # einsum, not BLAS: see search.retrieval_evidence (BLAS threads slow the encoder).
+        return np.einsum('ne,e->n', self.vectors, np.asarray(q, np.float32).reshape(-1))
 
 
 def _softmax(x):
@@ -327,6 +328,7 @@ class EvalOptions:
     knn_index: str = None
     retrieval_model: str = None
     zoom_weight: float = DEFAULT_ZOOM_WEIGHT
+    use_heading: bool = True
     top_k: int = 8
     residual_cov: bool = False
     progress: bool = True
@@ -415,6 +417,8 @@ def run_queries(bundle_path, model_path, queries, options):
     lat_ms = []
     step_correct = None
     truth = np.array([[q.lat, q.lon] for q in queries])
+    # The camera heading of each query (None: unknown, as for a robot without one).
+    headings = [q.heading_deg if options.use_heading else None for q in queries]
     unreadable = 0
     extra = {}
 
@@ -449,11 +453,11 @@ def run_queries(bundle_path, model_path, queries, options):
                                          math.hypot(de, dn))
                 prior = Prior.from_sigma(plat, plon, s)
             t0 = time.perf_counter()
-            g = backend.encode_ground([img], headings=[q.heading_deg])[0]
+            g = backend.encode_ground([img], headings=[headings[i]])[0]
             evidence = None
             if retr is not None:
-                e = retr.embed_ground([img], headings=[q.heading_deg])[0]
-                evidence = retrieval_evidence(bundle, e, scale, q.heading_deg)
+                e = retr.embed_ground([img], headings=[headings[i]])[0]
+                evidence = retrieval_evidence(bundle, e, scale, headings[i])
             try:
                 res = search(backend, bundle, g, method, options.beam_width, prior=prior,
                              residual=options.residual_cov, evidence=evidence,
@@ -529,10 +533,10 @@ def run_queries(bundle_path, model_path, queries, options):
                 unreadable += 1
                 continue
             t0 = time.perf_counter()
-            e = retr.embed_ground([img], headings=[q.heading_deg])[0]
+            e = retr.embed_ground([img], headings=[headings[i]])[0]
             if method == 'retrieval':
                 index = nn_index
-                b = bundle.heading_bin(q.heading_deg)
+                b = bundle.heading_bin(headings[i])
                 if b is not None:
                     if b not in heading_indices:
                         heading_indices[b] = _Nearest(np.asarray(rh[b], np.float32))
@@ -599,6 +603,7 @@ def summarize_run(run, options, skipped=0, calibration=None):
     summary['beam_width'] = options.beam_width if method in ('zoom-beam', 'zoom-fused') \
         else None
     summary['zoom_weight'] = options.zoom_weight if method == 'zoom-fused' else None
+    summary['use_heading'] = bool(options.use_heading)
     summary['prior_sigma_m'] = options.prior_sigma_m
     summary['residual_cov'] = options.residual_cov if method in ZOOM_METHODS else None
     summary['map_area_km2'] = bundle.area_m2 / 1e6

@@ -97,6 +97,13 @@ def test_eval_json_has_every_key_for_every_method(world, capsys, method, model):
 
         assert res['zoom_weight'] == DEFAULT_ZOOM_WEIGHT and res['beam_width'] == 3
         assert res['retrieval_model_sha256'] == model_hash(world['retr'])
+        assert res['use_heading'] is True
+        blind = _run_json(capsys, ['eval', '--bundle', str(world['bundle']), '--model',
+                                   str(world[model]), '--data', str(world['index']), '--split',
+                                   'test-same', '--method', method, '--json', '--no-heading',
+                                   '--zoom-weight', '0', *fused])
+        assert blind['use_heading'] is False and blind['zoom_weight'] == 0.0
+        assert blind['n'] == res['n']
 
 
 def test_eval_with_a_prior_and_a_limit(world, capsys):
