@@ -156,6 +156,16 @@ class GeoZoomLocalizer:
         """Whether the model takes the camera heading."""
         return bool(getattr(self.backend.config, 'heading_input', False))
 
+    @property
+    def uses_heading(self):
+        """Whether a camera heading changes the search.
+
+        True when the model takes one, or when the fused search compares the frame with
+        heading-aligned crops (without a heading it uses the north-up ones).
+        """
+        return self.heading_input or (self.retrieval is not None
+                                      and self.bundle.retrieval_heading is not None)
+
     def search(self, g, prior=None, evidence=None):
         """Search the cell tree with a ground token ``g`` ``[D]``; return a SearchResult.
 

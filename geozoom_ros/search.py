@@ -53,8 +53,9 @@ from geozoom_ros.geo import (actions_between, ancestor, Cell, cell_at, cell_size
 _HALF = math.pi * EARTH_RADIUS_M  # half the Web-Mercator world width (m)
 #: A prior region spans this many standard deviations.
 PRIOR_SIGMAS = 3.0
-#: The decoder's weight in the fused search (chosen on the demo city's validation split).
-DEFAULT_ZOOM_WEIGHT = 0.75
+#: The decoder's weight in the fused search, chosen on the demo city's validation split (README,
+#: "The fused search").
+DEFAULT_ZOOM_WEIGHT = 0.5
 
 
 @dataclass(frozen=True)

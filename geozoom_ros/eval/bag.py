@@ -644,7 +644,9 @@ def localize_frames(bag, localizer, every=1, gate=None, prior='none', fusion_con
         online = F.OnlineFusion(fusion_config, bag.odom, start, bag.imu,
                                 position_sigma_m=fusion_config.init_position_sigma_m)
         monitor = PriorMonitor(gate.prior_disagree_count)
+    # A model that takes the heading needs one; the fused search uses it when there is one.
     needs_heading = bool(getattr(localizer, 'heading_input', False))
+    wants_heading = needs_heading or bool(getattr(localizer, 'uses_heading', False))
     total = (bag.n_images + every - 1) // every
     if limit:
         total = min(total, limit)
@@ -666,7 +668,7 @@ def localize_frames(bag, localizer, every=1, gate=None, prior='none', fusion_con
                 vals, vecs = np.linalg.eigh(0.5 * (cov + cov.T))
                 cov = (vecs * np.maximum(vals, gate.prior_min_sigma_m ** 2)) @ vecs.T
                 search_prior = Prior(float(lat), float(lon), cov)
-        heading = _heading_at(bag, fr.t) if needs_heading else None
+        heading = _heading_at(bag, fr.t) if wants_heading else None
         if needs_heading and heading is None:
             out.append(FrameFix(fr.index, fr.stamp_ns, fr.t, 'no_cell',
                                 note='the model takes a heading and the bag has no IMU yaw'))

@@ -323,8 +323,8 @@ class GeoZoomNode(Node):
     def _current_heading(self, now):
         """Return ``(heading degrees or None, mode)`` for the frame being processed."""
         p = self.params
-        if not self.localizer.heading_input:
-            return None, 'unused (model takes no heading)'
+        if not self.localizer.uses_heading:
+            return None, 'unused (the search takes no heading)'
         if p.heading_source == 'none':
             return None, 'heading-free (heading_source none)'
         h = self._heading
@@ -520,7 +520,7 @@ class GeoZoomNode(Node):
         st = DiagnosticStatus()
         st.name = f'{self.get_name()}: visual geo-localization'
         st.hardware_id = str(self.localizer.bundle.path)
-        degraded = 'heading-free' in self.heading_mode and self.localizer.heading_input
+        degraded = 'heading-free' in self.heading_mode and self.localizer.uses_heading
         fallback = self._monitor.whole_map and p.prior_source != 'none'
         if fresh_problem or fallback or degraded:
             st.level = DiagnosticStatus.WARN

@@ -224,3 +224,29 @@ def test_the_fused_localizer_weighs_the_zoom_steps_with_retrieval(world, tmp_pat
     with pytest.raises(InputError, match='not a retrieval model'):
         GeoZoomLocalizer(fw['bundle'], fw['policy'], backend='torch', method='zoom-fused',
                          retrieval_model=fw['other'])
+
+
+def test_the_fused_search_uses_the_heading_with_heading_aligned_crops(tmp_path):
+    from geozoom_ros.bundle import build_bundle
+    from geozoom_ros.model.config import PolicyConfig
+    from geozoom_ros.model.io import save_model
+    from geozoom_ros.model.retrieval import RetrievalModel
+
+    fw = make_world(tmp_path / 'w', with_retrieval=False)
+    cfg = PolicyConfig(embed_dim=16, grid_k=2, steps=2, root_zoom=16, view_size=32,
+                       ground_size=(32, 32), decoder_heads=2, context_m=60.0,
+                       heading_aligned=True)
+    retr = save_model(RetrievalModel(cfg, pretrained=True), tmp_path / 'retr_h')
+    bundle = build_bundle(fw['map'], fw['policy'], tmp_path / 'bh', progress=False,
+                          retrieval_model=retr)
+    loc = GeoZoomLocalizer(bundle, fw['policy'], backend='torch', method='zoom-fused',
+                           retrieval_model=retr)
+    assert loc.uses_heading and not loc.heading_input
+    img = _image(6)
+    north = loc.retrieval_evidence(img, 0.0)[-1]
+    east = loc.retrieval_evidence(img, 90.0)[-1]
+    # A heading picks the crops rotated to it; none falls back to the north-up crops.
+    assert not np.allclose(north, east)
+    np.testing.assert_allclose(loc.retrieval_evidence(img, None)[-1], north, atol=2e-2)
+    plain = GeoZoomLocalizer(bundle, fw['policy'], backend='torch')
+    assert not plain.uses_heading
