@@ -534,16 +534,16 @@ def run_bench(model=None, bundle=None, frames=100, warmup=5, areas=(1, 100, 1000
 
 def _print(res):
     print(f'model: {res["model"]}; {res["threads"]} thread(s), beam {res["beam"]}')
-    print(f'{"backend":<12} {"enc p50":>8} {"enc p95":>8} {"srch p50":>9} {"srch p95":>9} '
+    print(f'{"backend":<17} {"enc p50":>8} {"enc p95":>8} {"srch p50":>9} {"srch p95":>9} '
           f'{"tot p50":>8} {"tot p95":>8} {"srch/enc":>8}  (ms)')
     for name, r in res['backends'].items():
-        print(f'{name:<12} {r["encoder"]["p50"]:8.2f} {r["encoder"]["p95"]:8.2f} '
+        print(f'{name:<17} {r["encoder"]["p50"]:8.2f} {r["encoder"]["p95"]:8.2f} '
               f'{r["search"]["p50"]:9.2f} {r["search"]["p95"]:9.2f} {r["total"]["p50"]:8.2f} '
               f'{r["total"]["p95"]:8.2f} {r["search_over_encoder_p50"]:8.2f}  '
               f'rss growth {r["rss_growth_bytes"] / 1e6:.1f} MB over {r["frames"]} frames '
               f'({r["rss_growth_second_half_bytes"] / 1e6:.1f} MB over the second half)')
     for name, why in res['unavailable'].items():
-        print(f'{name:<12} unavailable: {why}')
+        print(f'{name:<17} unavailable: {why}')
     for name, r in res['backends'].items():
         split = r.get('search_split')
         if split:
