@@ -18,7 +18,8 @@ from geozoom_ros.bundle import load_bundle
 from geozoom_ros.calibration import resolve as calibration_resolve
 from geozoom_ros.errors import ConfigError, InputError
 from geozoom_ros.runtime.base import check_images
-from geozoom_ros.search import DEFAULT_ZOOM_WEIGHT, Prior, retrieval_evidence, search
+from geozoom_ros.search import (DEFAULT_ZOOM_WEIGHT, evidence_usable, Prior,
+                                retrieval_evidence, search)
 
 METHODS = ('zoom', 'zoom-beam', 'zoom-fused')
 
@@ -35,6 +36,8 @@ class Fix:
         hypotheses: the search's hypotheses, most probable first.
         latency_ms: ``{'encoder', 'search', 'total'}`` wall times in milliseconds (the
             fused search's encoder time counts both encoders).
+        method: the search that ran ('zoom-fused' runs as 'zoom-beam' for a frame it cannot
+            weigh: see ``GeoZoomLocalizer.retrieval_evidence``).
     """
 
     lat: float
@@ -44,6 +47,7 @@ class Fix:
     cell: object
     hypotheses: list
     latency_ms: dict = field(default_factory=dict)
+    method: str = None
 
     @property
     def sigma_m(self):
@@ -141,14 +145,17 @@ class GeoZoomLocalizer:
             self.bundle.check_retrieval_model(self.retrieval.model_hash, retrieval_model)
             self.retrieval_scale = float(self.retrieval.model.scale().detach().cpu())
 
-    def fix_covariance(self, cov_en, confidence):
+    def fix_covariance(self, cov_en, confidence, method=None):
         """Return the published 2x2 east/north covariance (m^2) of a search's covariance.
 
-        The calibration for this method (when there is one), then ``cov_scale``.
+        The calibration for the search that ran (``method``, default this localizer's; when
+        there is one), then ``cov_scale``.
         """
         cov = np.asarray(cov_en, dtype=float)
-        if self.cov_model is not None:
-            cov = self.cov_model.apply(cov, confidence)
+        model = self.cov_model if method in (None, self.method) or not self.calibration \
+            else self.calibration.model_for(method)
+        if model is not None:
+            cov = model.apply(cov, confidence)
         return cov * self.cov_scale
 
     @property
@@ -178,8 +185,13 @@ class GeoZoomLocalizer:
                       zoom_weight=self.zoom_weight)
 
     def retrieval_evidence(self, image_rgb, heading_deg=None):
-        """Return the fused search's evidence for a frame (None for the other methods)."""
-        if self.retrieval is None:
+        """Return the fused search's evidence for a frame, or None.
+
+        None for the other methods, and for a frame without a heading when the bundle's crops
+        are heading-aligned: that frame runs the zoom beam alone (see
+        :func:`~geozoom_ros.search.evidence_usable`), without the retrieval encoder's pass.
+        """
+        if self.retrieval is None or not evidence_usable(self.bundle, heading_deg):
             return None
         e = self.retrieval.embed_ground([image_rgb])[0]
         return retrieval_evidence(self.bundle, e, self.retrieval_scale, heading_deg)
@@ -219,5 +231,7 @@ class GeoZoomLocalizer:
         latency = {'encoder': (t1 - t0) * 1e3, 'search': (t2 - t1) * 1e3,
                    'total': (t2 - t0) * 1e3}
         return Fix(result.estimate[0], result.estimate[1],
-                   self.fix_covariance(result.cov_en, result.confidence), result.confidence,
-                   result.cell, result.hypotheses, latency)
+                   self.fix_covariance(result.cov_en, result.confidence,
+                                       result.info.get('method')),
+                   result.confidence, result.cell, result.hypotheses, latency,
+                   result.info.get('method', self.method))

@@ -40,8 +40,8 @@ from geozoom_ros.errors import InputError
 from geozoom_ros.eval import metrics
 from geozoom_ros.geo import (actions_between, ancestor, cell_at, check_latlon, destination,
                              tile_center)
-from geozoom_ros.search import (children_logits, DEFAULT_ZOOM_WEIGHT, hypotheses_covariance,
-                                Prior, retrieval_evidence, search)
+from geozoom_ros.search import (children_logits, DEFAULT_ZOOM_WEIGHT, evidence_usable,
+                                hypotheses_covariance, Prior, retrieval_evidence, search)
 
 METHODS = ('zoom', 'zoom-beam', 'zoom-fused', 'retrieval', 'sim-zoom', 'ground-knn')
 #: Methods run by a zoom policy (the others by a retrieval model).
@@ -352,6 +352,8 @@ class Run:
         model_sha256: hash of the model that ran.
         unreadable: queries whose image could not be read.
         extra: method-specific figures for the summary.
+        ran_beam: ``[N]`` bool, zoom-fused queries that ran the zoom beam alone (no usable
+            heading for heading-aligned crops), or None.
     """
 
     method: str
@@ -365,6 +367,7 @@ class Run:
     model_sha256: str
     unreadable: int
     extra: dict
+    ran_beam: np.ndarray = None
 
     def errors_m(self):
         """Return ``[N]`` geodesic errors in metres (``inf`` without a fix)."""
@@ -416,6 +419,7 @@ def run_queries(bundle_path, model_path, queries, options):
     conf = np.zeros(n)
     lat_ms = []
     step_correct = None
+    ran_beam = np.zeros(n, bool) if method == 'zoom-fused' else None
     truth = np.array([[q.lat, q.lon] for q in queries])
     # The camera heading of each query (None: unknown, as for a robot without one).
     headings = [q.heading_deg if options.use_heading else None for q in queries]
@@ -455,7 +459,9 @@ def run_queries(bundle_path, model_path, queries, options):
             t0 = time.perf_counter()
             g = backend.encode_ground([img], headings=[headings[i]])[0]
             evidence = None
-            if retr is not None:
+            if retr is not None and not evidence_usable(bundle, headings[i]):
+                ran_beam[i] = True
+            elif retr is not None:
                 e = retr.embed_ground([img], headings=[headings[i]])[0]
                 evidence = retrieval_evidence(bundle, e, scale, headings[i])
             try:
@@ -482,6 +488,8 @@ def run_queries(bundle_path, model_path, queries, options):
                                             truth[idx, 1])
             step_correct = sc
         extra['prior_outside_map'] = prior_misses
+        if ran_beam is not None:
+            extra['frames_run_as_zoom_beam'] = int(ran_beam.sum())
         model_sha256 = backend.model_hash
     else:
         from geozoom_ros.runtime.torch_backend import TorchRetrieval
@@ -563,7 +571,7 @@ def run_queries(bundle_path, model_path, queries, options):
             conf[i] = c
 
     return Run(method, truth, est, covs, conf, lat_ms, step_correct, bundle, model_sha256,
-               unreadable, extra)
+               unreadable, extra, ran_beam)
 
 
 def summarize_run(run, options, skipped=0, calibration=None):
@@ -579,8 +587,15 @@ def summarize_run(run, options, skipped=0, calibration=None):
     err_en = run.errors_en()
     raw = metrics.nees(err_en, run.cov_en)
     model = calibration.model_for(method) if calibration is not None else None
-    cal = metrics.nees(err_en, model.apply(run.cov_en, run.confidence)) \
-        if model is not None else None
+    cal = None
+    if model is not None:
+        cal_cov = model.apply(run.cov_en, run.confidence)
+        beam_model = calibration.model_for('zoom-beam')
+        if run.ran_beam is not None and run.ran_beam.any() and beam_model is not None:
+            # Those queries ran the zoom beam: its calibration, as the localizer publishes.
+            rows = run.ran_beam
+            cal_cov[rows] = beam_model.apply(run.cov_en[rows], run.confidence[rows])
+        cal = metrics.nees(err_en, cal_cov)
     summary = metrics.summarize(errors, raw if cal is None else cal, run.step_correct,
                                 run.latency_ms, run.confidence, k=bundle.k, steps=bundle.steps,
                                 area_m2=bundle.area_m2,

@@ -104,6 +104,8 @@ def test_eval_json_has_every_key_for_every_method(world, capsys, method, model):
                                    '--zoom-weight', '0', *fused])
         assert blind['use_heading'] is False and blind['zoom_weight'] == 0.0
         assert blind['n'] == res['n']
+        # North-up crops (a retrieval model not heading-aligned) need no heading.
+        assert blind['frames_run_as_zoom_beam'] == res['frames_run_as_zoom_beam'] == 0
 
 
 def test_eval_with_a_prior_and_a_limit(world, capsys):

@@ -245,8 +245,16 @@ def test_the_fused_search_uses_the_heading_with_heading_aligned_crops(tmp_path):
     img = _image(6)
     north = loc.retrieval_evidence(img, 0.0)[-1]
     east = loc.retrieval_evidence(img, 90.0)[-1]
-    # A heading picks the crops rotated to it; none falls back to the north-up crops.
+    # A heading picks the crops rotated to it (heading 0: the north-up crops').
     assert not np.allclose(north, east)
-    np.testing.assert_allclose(loc.retrieval_evidence(img, None)[-1], north, atol=2e-2)
+    e = loc.retrieval.embed_ground([img])[0]
+    np.testing.assert_allclose(retrieval_evidence(loc.bundle, e, loc.retrieval_scale)[-1],
+                               north, atol=2e-2)
     plain = GeoZoomLocalizer(bundle, fw['policy'], backend='torch')
     assert not plain.uses_heading
+    # Without a heading such crops would mislead: the frame runs the zoom beam alone.
+    assert loc.retrieval_evidence(img, None) is None
+    blind, beam_fix = loc.localize(img), plain.localize(img)
+    assert blind.method == 'zoom-beam' and beam_fix.method == 'zoom-beam'
+    assert blind.cell == beam_fix.cell and blind.confidence == pytest.approx(beam_fix.confidence)
+    assert loc.localize(img, heading_deg=90.0).method == 'zoom-fused'
