@@ -408,3 +408,30 @@ def test_fused_bad_input_is_one_line(one_root, two_roots):
         fused(backend, one_root, np.ones(D), flat, width=0)
     with pytest.raises(InputError, match='no retrieval embeddings'):
         retrieval_evidence(one_root, np.ones(E), 1.0)
+
+
+def test_fused_with_a_small_prior_starts_deeper_and_stays_inside(two_roots):
+    b = two_roots
+    cells, _ = _terminal_scores(b, np.ones(E), 1.0)
+    backend = PlantedBackend(b, {})
+    e = np.random.default_rng(5).normal(size=E)
+    e /= np.linalg.norm(e)
+    ev = retrieval_evidence(b, e, 20.0)
+    # A 30 m box about the centre of a level-2 cell (about 150 m): the search starts there.
+    lat, lon = cell_center(ancestor(cells[len(cells) // 2], b.levels[2].zoom))
+    res = fused(backend, b, np.ones(D), ev, width=8, zoom_weight=0.0, prior=(lat, lon, 5.0))
+    assert res.info['start_level'] > 0
+    start = res.start
+    assert all(ancestor(h.cell, start.z) == start for h in res.hypotheses)
+    # Inside the prior's box the search is retrieval's softmax restricted to the box.
+    from geozoom_ros.search import _overlaps
+
+    box = Prior.from_sigma(lat, lon, 5.0).merc_box()
+    inside = [i for i, c in enumerate(cells) if ancestor(c, start.z) == start
+              and _overlaps(box, c.x, c.y, c.z)]
+    assert 0 < len(inside) < 16
+    _, scores = _terminal_scores(b, e, 20.0)
+    best = inside[int(np.argmax(scores[inside]))]
+    assert res.hypotheses[0].cell == cells[best]
+    p = np.exp(scores[inside] - np.logaddexp.reduce(scores[inside]))
+    assert res.confidence == pytest.approx(p.max(), rel=1e-4)

@@ -62,3 +62,25 @@ def test_drive_through_the_node_is_scored_and_reported(small, tmp_path, capsys):
         assert (report.parent / name).stat().st_size > 0
     out = capsys.readouterr().out
     assert 'frames evaluated' in out and 'odometry alone' in out
+
+
+def test_the_node_runs_the_fused_search_with_the_imu_heading(small, tmp_path):
+    from geozoom_ros.bundle import build_bundle
+    from geozoom_ros.demo import demo_node_params
+    from geozoom_ros.model.config import PolicyConfig
+    from geozoom_ros.model.io import save_model
+    from geozoom_ros.model.retrieval import RetrievalModel
+    from geozoom_ros.ros.live import run_node_on_bag
+
+    cfg = PolicyConfig(embed_dim=16, view_size=32, ground_size=(32, 32), decoder_heads=2,
+                       context_m=60.0, heading_aligned=True)
+    retr = save_model(RetrievalModel(cfg, pretrained=False).eval(), tmp_path / 'retr')
+    bundle = build_bundle(small['map'], small['model'], tmp_path / 'bundle', progress=False,
+                          retrieval_model=retr)
+    params = demo_node_params(bundle, small['model'], method='zoom-fused',
+                              retrieval_model=str(retr), max_rate_hz=50.0, beam_width=4,
+                              min_confidence=0.0)
+    fixes, diag = run_node_on_bag(small['drive'], params, tmp_path / 'node', rate=4.0)
+    assert len(fixes) >= 1 and int(diag['frames_processed']) >= len(fixes)
+    # The fused search took the IMU's heading for its heading-aligned crops.
+    assert diag['heading_mode'] == 'imu'
