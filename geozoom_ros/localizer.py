@@ -136,14 +136,15 @@ class GeoZoomLocalizer:
         self.zoom_weight = float(zoom_weight)
         self.retrieval = None
         if method == 'zoom-fused':
-            from geozoom_ros.runtime.torch_backend import TorchRetrieval
+            from geozoom_ros.runtime import load_retrieval
 
             if self.bundle.retrieval is None:  # before loading the model: the cheaper check
                 self.bundle.check_retrieval_model(None, retrieval_model)
-            self.retrieval = TorchRetrieval(retrieval_model,
+            self.retrieval = load_retrieval(retrieval_model, self.backend,
+                                            threads=backend_options.get('threads'),
                                             device=backend_options.get('device', 'cpu'))
             self.bundle.check_retrieval_model(self.retrieval.model_hash, retrieval_model)
-            self.retrieval_scale = float(self.retrieval.model.scale().detach().cpu())
+            self.retrieval_scale = self.retrieval.scale()
 
     def fix_covariance(self, cov_en, confidence, method=None):
         """Return the published 2x2 east/north covariance (m^2) of a search's covariance.

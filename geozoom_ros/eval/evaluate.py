@@ -282,20 +282,17 @@ def _softmax(x):
     return e / e.sum()
 
 
-def _retrieval_scale(retr):
-    try:
-        return float(retr.model.scale().detach().cpu())
-    except AttributeError:
-        return 1.0 / 0.07
+def _retrieval_for(bundle, model_path, device, beside=None):
+    """Return the retrieval model at ``model_path`` after checking the bundle holds its crops.
 
-
-def _retrieval_for(bundle, model_path, device):
-    """Return the TorchRetrieval of ``model_path`` after checking the bundle holds its crops."""
-    from geozoom_ros.runtime.torch_backend import TorchRetrieval
+    Beside a policy backend (the fused search), on that backend's runtime
+    (:func:`~geozoom_ros.runtime.load_retrieval`); otherwise torch on ``device``.
+    """
+    from geozoom_ros.runtime import load_retrieval
 
     if bundle.retrieval is None:  # before loading the model: the cheaper check first
         bundle.check_retrieval_model(None, model_path)
-    retr = TorchRetrieval(model_path, device=device)
+    retr = load_retrieval(model_path, beside, device=device)
     bundle.check_retrieval_model(retr.model_hash, model_path)
     return retr
 
@@ -438,8 +435,8 @@ def run_queries(bundle_path, model_path, queries, options):
             if not options.retrieval_model:
                 raise InputError('method zoom-fused needs a retrieval model (--retrieval-model '
                                  'RETRIEVAL_MODEL) whose embeddings the bundle holds')
-            retr = _retrieval_for(bundle, options.retrieval_model, options.device)
-            scale = _retrieval_scale(retr)
+            retr = _retrieval_for(bundle, options.retrieval_model, options.device, backend)
+            scale = retr.scale()
             extra['retrieval_model_sha256'] = retr.model_hash
         gs = np.zeros((n, bundle.embed_dim), np.float32)
         have_g = np.zeros(n, bool)
@@ -500,7 +497,7 @@ def run_queries(bundle_path, model_path, queries, options):
         else:
             retr = TorchRetrieval(model_path, device=options.device)
         model_sha256 = retr.model_hash
-        scale = _retrieval_scale(retr)
+        scale = retr.scale()
         if method == 'retrieval':
             term = bundle.terminal
             nn_index = _Nearest(_level_vectors(bundle, bundle.steps))

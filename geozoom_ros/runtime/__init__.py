@@ -82,3 +82,16 @@ def load_backend(kind, model_path, defaults=None, **kwargs):
                           f'{", ".join(["auto", *BACKENDS])}')
     cls = _backend_class(kind)
     return cls(model_path, **{**_accepted(cls, defaults), **kwargs})
+
+
+def load_retrieval(model_path, backend, threads=None, device='cpu'):
+    """Return the retrieval model's ground encoder to run beside ``backend`` (fused search).
+
+    onnxruntime when the policy runs there (its exported graph, about a third of torch's time
+    on the CPU), else torch on ``device``. Both give ``embed_ground(images)`` and ``scale()``.
+    """
+    if getattr(backend, 'name', None) == 'onnxruntime':
+        from geozoom_ros.runtime.onnx_backend import OnnxRetrieval
+        return OnnxRetrieval(model_path, threads=threads)
+    from geozoom_ros.runtime.torch_backend import TorchRetrieval
+    return TorchRetrieval(model_path, device=device)

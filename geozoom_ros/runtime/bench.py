@@ -153,7 +153,7 @@ def _backend_latency(backend, bundle_path, model, frames, warmup, beam, threads,
     # The localizer loads the backend, with exported search graphs of its beam width.
     loc = GeoZoomLocalizer(bundle_path, model, backend=kind, beam_width=beam, **kwargs)
     images = _frames(8)
-    heading = 0.0 if loc.heading_input else None
+    heading = 0.0 if loc.uses_heading else None  # a heading model, heading-aligned crops
     for i in range(warmup):
         loc.localize(images[i % len(images)], heading_deg=heading)
     # Preallocated: lists growing by a float per frame would show up as resident memory.
@@ -278,7 +278,7 @@ def compute_cost(model_path, beam=8):
 def _allocations(loc, frames=20):
     """Return tracemalloc figures per frame (after the warm-up the caller already did)."""
     images = _frames(4, seed=1)
-    heading = 0.0 if loc.heading_input else None
+    heading = 0.0 if loc.uses_heading else None  # a heading model, heading-aligned crops
     tracemalloc.start()
     try:
         loc.localize(images[0], heading_deg=heading)

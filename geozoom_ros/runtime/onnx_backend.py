@@ -6,6 +6,7 @@ the only time torch is imported. Preprocessing is numpy + OpenCV and gives the s
 values as the torch path (``model.encoders.preprocess_images``).
 """
 
+import json
 import os
 from pathlib import Path
 
@@ -342,3 +343,103 @@ class _KVState:
             self.t, None, np.asarray(sat_t, np.float32), np.asarray(action, np.int64),
             self.keys[:, parents], self.values[:, parents])
         return self.out
+
+
+#: The retrieval model's exported ground encoder and its record (the model's hash).
+RETRIEVAL_GRAPH = 'retrieval_ground.onnx'
+RETRIEVAL_RECORD = 'retrieval_ground.json'
+
+
+class OnnxRetrieval:
+    """A retrieval model's ground encoder on onnxruntime (the fused search's second pass).
+
+    ``embed_ground`` returns what :class:`~geozoom_ros.runtime.torch_backend.TorchRetrieval`'s
+    does (float32 ``[B, E]``, L2-normalised). The graph (``x`` float32 ``[1, 3, H, W]`` ->
+    ``e`` ``[1, E]``) is exported once into ``<model>/onnx`` (the user's cache for a read-only
+    model folder) and again when the model's hash changes; :meth:`scale` is the softmax scale
+    read from the weights. Only the ground side: map crops are embedded once per map, by
+    ``geozoom index`` with torch.
+    """
+
+    name = 'onnxruntime'
+
+    def __init__(self, model_path, threads=None, providers=None):
+        try:
+            import onnxruntime as ort
+        except ImportError:
+            raise BackendUnavailable("backend 'onnxruntime' cannot load: the onnxruntime "
+                                     'package is not installed') from None
+        from geozoom_ros.fileio import atomic_write_json
+        from geozoom_ros.model.config import PolicyConfig
+        from geozoom_ros.model.io import model_hash, read_model_config
+
+        mdir = model_dir(model_path)
+        cfg = read_model_config(mdir)
+        if cfg['kind'] != 'retrieval':
+            raise InputError(f'model {mdir} is a {cfg["kind"]} model, not a retrieval model; '
+                             'pass a RetrievalModel folder (geozoom train --method retrieval)')
+        self.config = PolicyConfig.from_dict(cfg['config'], f'{mdir}: config')
+        self.model_hash = model_hash(mdir)
+        self.model_path = os.fspath(model_path)
+        out = mdir / 'onnx'
+        if not os.access(mdir, os.W_OK):
+            cache = Path(os.environ.get('XDG_CACHE_HOME') or Path.home() / '.cache')
+            out = cache / 'geozoom_ros' / 'onnx' / self.model_hash[:16]
+        graph, record = out / RETRIEVAL_GRAPH, out / RETRIEVAL_RECORD
+        try:
+            current = json.loads(record.read_text()).get('model_hash') == self.model_hash
+        except (OSError, ValueError, AttributeError):
+            current = False
+        if not (current and graph.is_file()):
+            out.mkdir(parents=True, exist_ok=True)
+            _export_retrieval_ground(mdir, graph)
+            atomic_write_json(record, {'model_hash': self.model_hash,
+                                       'ground_size': list(self.config.ground_size)})
+        opts = ort.SessionOptions()
+        if threads is not None:
+            opts.intra_op_num_threads = int(threads)
+            opts.inter_op_num_threads = 1
+        opts.add_session_config_entry('session.intra_op.allow_spinning', '0')
+        self._session = ort.InferenceSession(os.fspath(graph), sess_options=opts,
+                                             providers=_providers(ort, providers))
+        self._scale = _retrieval_scale(mdir)
+
+    def embed_ground(self, images, headings=None):
+        """Return float32 ``[B, E]`` ground embeddings of uint8 RGB frames (no heading)."""
+        images = check_images(images)
+        x = preprocess(images, self.config.ground_size)
+        return np.concatenate([self._session.run(None, {'x': x[i:i + 1]})[0]
+                               for i in range(len(images))]).astype(np.float32)
+
+    def scale(self):
+        """Return the model's softmax scale (its learned inverse temperature, at most 100)."""
+        return self._scale
+
+
+def _retrieval_scale(mdir):
+    """Return ``min(exp(logit_scale), 100)`` of a retrieval model's weights (as its scale())."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(Path(mdir) / 'model.safetensors'), 'np') as st:
+        return float(min(np.exp(float(st.get_tensor('logit_scale'))), 100.0))
+
+
+def _export_retrieval_ground(mdir, path):
+    """Export a retrieval model's ground embedding at batch 1 to ``path`` (atomically)."""
+    import torch
+
+    from geozoom_ros.model.io import load_model
+    from geozoom_ros.runtime.export import _export
+
+    model = load_model(mdir).eval()
+
+    class Ground(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.m = model
+
+        def forward(self, x):
+            return self.m.embed_ground(x)
+
+    w, h = model.config.ground_size
+    _export(Ground().eval(), (torch.zeros(1, 3, h, w),), ['x'], ['e'], path)

@@ -277,6 +277,11 @@ class TorchRetrieval:
             kwargs = _heading_args(self, headings, len(images))
             return self.model.embed_ground(x, **kwargs).float().cpu().numpy()
 
+    def scale(self):
+        """Return the model's softmax scale (its learned inverse temperature, at most 100)."""
+        with torch.inference_mode():
+            return float(self.model.scale().detach().cpu())
+
     def embed_map(self, images):
         """Return float32 ``[B, E]`` embeddings of uint8 RGB overhead crops."""
         with torch.inference_mode():

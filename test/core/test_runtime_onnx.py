@@ -516,3 +516,45 @@ def test_a_failed_cuda_graph_capture_falls_back_to_eager(plain, monkeypatch):
     np.testing.assert_array_equal(got, want)
     assert backend.cuda_graphs is False and not backend._captured
     assert beam(backend, plain['bundle'], g, width=8).hypotheses[0].path == want_path
+
+
+def test_retrieval_ground_encoder_on_onnxruntime_equals_torch(tmp_path, monkeypatch):
+    import os
+
+    from geozoom_ros.model.retrieval import RetrievalModel
+    from geozoom_ros.runtime import load_retrieval
+    from geozoom_ros.runtime.onnx_backend import OnnxRetrieval, RETRIEVAL_GRAPH
+    from geozoom_ros.runtime.torch_backend import TorchRetrieval
+
+    torch.manual_seed(3)
+    cfg = PolicyConfig(embed_dim=D, view_size=32, ground_size=(48, 32), decoder_heads=2,
+                       context_m=60.0, heading_aligned=True)
+    mdir = save_model(RetrievalModel(cfg, pretrained=True).eval(), tmp_path / 'retr')
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 255, (40 + 8 * i, 64, 3), dtype=np.uint8) for i in range(3)]
+    onnx_retr = OnnxRetrieval(mdir, threads=1)
+    torch_retr = TorchRetrieval(mdir)
+    np.testing.assert_allclose(onnx_retr.embed_ground(images), torch_retr.embed_ground(images),
+                               atol=TOL)
+    assert onnx_retr.scale() == pytest.approx(torch_retr.scale(), rel=1e-6)
+    assert onnx_retr.model_hash == torch_retr.model_hash == model_hash(mdir)
+    graph = mdir / 'onnx' / RETRIEVAL_GRAPH
+    stamp = graph.stat().st_mtime_ns
+    OnnxRetrieval(mdir)  # current: not exported again
+    assert graph.stat().st_mtime_ns == stamp
+    # Beside a policy on onnxruntime the fused search gets this encoder; beside torch, torch's.
+    policy = load_backend('onnxruntime', _policy(tmp_path / 'p'))
+    assert isinstance(load_retrieval(mdir, policy), OnnxRetrieval)
+    assert isinstance(load_retrieval(mdir, TorchBackend(_policy(tmp_path / 'p2'))),
+                      TorchRetrieval)
+    with pytest.raises(InputError, match='not a retrieval model'):
+        OnnxRetrieval(tmp_path / 'p')
+    # A model folder it may not write to (an installed package) exports into the cache.
+    ro = save_model(RetrievalModel(cfg, pretrained=True).eval(), tmp_path / 'ro')
+    monkeypatch.setenv('XDG_CACHE_HOME', str(tmp_path / 'cache'))
+    writable = os.access
+    monkeypatch.setattr(os, 'access', lambda p, mode: False if str(p) == str(ro)
+                        else writable(p, mode))
+    OnnxRetrieval(ro)
+    assert not (ro / 'onnx').exists()
+    assert list((tmp_path / 'cache').rglob(RETRIEVAL_GRAPH))
