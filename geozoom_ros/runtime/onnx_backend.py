@@ -412,7 +412,7 @@ class OnnxRetrieval:
                                for i in range(len(images))]).astype(np.float32)
 
     def scale(self):
-        """Return the model's softmax scale (its learned inverse temperature, at most 100)."""
+        """Return the inverse softmax temperature the model learned (at most 100)."""
         return self._scale
 
 

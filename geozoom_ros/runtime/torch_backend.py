@@ -278,7 +278,7 @@ class TorchRetrieval:
             return self.model.embed_ground(x, **kwargs).float().cpu().numpy()
 
     def scale(self):
-        """Return the model's softmax scale (its learned inverse temperature, at most 100)."""
+        """Return the inverse softmax temperature the model learned (at most 100)."""
         with torch.inference_mode():
             return float(self.model.scale().detach().cpu())
 
