@@ -329,13 +329,11 @@ class Bundle:
 
     def retrieval_rows(self, level, x, y):
         """Return ``(rows, valid)`` rows in :attr:`retrieval` of cells at a level index."""
-        if self.retrieval is None:
-            raise InputError(f'bundle {self.path} has no retrieval embeddings; rebuild it with '
-                             'geozoom index ... --with-retrieval RETRIEVAL_MODEL')
+        self.check_retrieval_model()
         return self._all_level_rows(level, x, y)
 
-    def check_retrieval_model(self, model_hash, model_path):
-        """Raise unless the bundle holds retrieval embeddings of this model (hash).
+    def check_retrieval_model(self, model_hash=None, model_path='RETRIEVAL_MODEL'):
+        """Raise unless the bundle holds retrieval embeddings (of this model, given a hash).
 
         InputError without any; MismatchError for another model's. ``model_path`` names the
         model in the one-line message.
@@ -343,7 +341,7 @@ class Bundle:
         if self.retrieval is None:
             raise InputError(f'bundle {self.path} has no retrieval embeddings; rebuild it with '
                              f'geozoom index ... --with-retrieval {model_path}')
-        if self.retrieval_model_hash != model_hash:
+        if model_hash is not None and self.retrieval_model_hash != model_hash:
             raise MismatchError(
                 f'bundle {self.path} holds retrieval embeddings of model '
                 f'{str(self.retrieval_model_hash)[:8]}, not {model_hash[:8]} ({model_path}); '
@@ -356,9 +354,7 @@ class Bundle:
         bin nearest the heading; otherwise the north-up crops'. Raises InputError without
         retrieval embeddings.
         """
-        if self.retrieval is None:
-            raise InputError(f'bundle {self.path} has no retrieval embeddings; rebuild it with '
-                             'geozoom index ... --with-retrieval RETRIEVAL_MODEL')
+        self.check_retrieval_model()
         b = self.heading_bin(heading_deg)
         if b is not None:
             return self.retrieval_heading[b]

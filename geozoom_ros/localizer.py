@@ -138,12 +138,10 @@ class GeoZoomLocalizer:
         if method == 'zoom-fused':
             from geozoom_ros.runtime import load_retrieval
 
-            if self.bundle.retrieval is None:  # before loading the model: the cheaper check
-                self.bundle.check_retrieval_model(None, retrieval_model)
             self.retrieval = load_retrieval(retrieval_model, self.backend,
                                             threads=backend_options.get('threads'),
-                                            device=backend_options.get('device', 'cpu'))
-            self.bundle.check_retrieval_model(self.retrieval.model_hash, retrieval_model)
+                                            device=backend_options.get('device', 'cpu'),
+                                            bundle=self.bundle)
             self.retrieval_scale = self.retrieval.scale()
 
     def fix_covariance(self, cov_en, confidence, method=None):

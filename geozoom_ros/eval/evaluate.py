@@ -282,21 +282,6 @@ def _softmax(x):
     return e / e.sum()
 
 
-def _retrieval_for(bundle, model_path, device, beside=None):
-    """Return the retrieval model at ``model_path`` after checking the bundle holds its crops.
-
-    Beside a policy backend (the fused search), on that backend's runtime
-    (:func:`~geozoom_ros.runtime.load_retrieval`); otherwise torch on ``device``.
-    """
-    from geozoom_ros.runtime import load_retrieval
-
-    if bundle.retrieval is None:  # before loading the model: the cheaper check first
-        bundle.check_retrieval_model(None, model_path)
-    retr = load_retrieval(model_path, beside, device=device)
-    bundle.check_retrieval_model(retr.model_hash, model_path)
-    return retr
-
-
 def _level_vectors(bundle, level):
     lv = bundle.levels[level]
     sl = slice(lv.retrieval_offset, lv.retrieval_offset + lv.count)
@@ -424,7 +409,7 @@ def run_queries(bundle_path, model_path, queries, options):
     extra = {}
 
     if method in ZOOM_METHODS:
-        from geozoom_ros.runtime import load_backend, search_defaults
+        from geozoom_ros.runtime import load_backend, load_retrieval, search_defaults
 
         backend = load_backend(options.backend, model_path,
                                defaults=search_defaults(method, options.beam_width),
@@ -435,7 +420,8 @@ def run_queries(bundle_path, model_path, queries, options):
             if not options.retrieval_model:
                 raise InputError('method zoom-fused needs a retrieval model (--retrieval-model '
                                  'RETRIEVAL_MODEL) whose embeddings the bundle holds')
-            retr = _retrieval_for(bundle, options.retrieval_model, options.device, backend)
+            retr = load_retrieval(options.retrieval_model, backend, device=options.device,
+                                  bundle=bundle)
             scale = retr.scale()
             extra['retrieval_model_sha256'] = retr.model_hash
         gs = np.zeros((n, bundle.embed_dim), np.float32)
@@ -489,13 +475,12 @@ def run_queries(bundle_path, model_path, queries, options):
             extra['frames_run_as_zoom_beam'] = int(ran_beam.sum())
         model_sha256 = backend.model_hash
     else:
-        from geozoom_ros.runtime.torch_backend import TorchRetrieval
+        from geozoom_ros.runtime import load_retrieval
 
         bundle = load_bundle(bundle_path)
-        if method in ('retrieval', 'sim-zoom'):
-            retr = _retrieval_for(bundle, model_path, options.device)
-        else:
-            retr = TorchRetrieval(model_path, device=options.device)
+        # retrieval and sim-zoom search the bundle's crops: they must be this model's.
+        retr = load_retrieval(model_path, device=options.device,
+                              bundle=bundle if method in ('retrieval', 'sim-zoom') else None)
         model_sha256 = retr.model_hash
         scale = retr.scale()
         if method == 'retrieval':

@@ -84,14 +84,22 @@ def load_backend(kind, model_path, defaults=None, **kwargs):
     return cls(model_path, **{**_accepted(cls, defaults), **kwargs})
 
 
-def load_retrieval(model_path, backend, threads=None, device='cpu'):
-    """Return the retrieval model's ground encoder to run beside ``backend`` (fused search).
+def load_retrieval(model_path, backend=None, threads=None, device='cpu', bundle=None):
+    """Return a retrieval model's ground encoder, to run beside ``backend`` if one is given.
 
     onnxruntime when the policy runs there (its exported graph, about a third of torch's time
     on the CPU), else torch on ``device``. Both give ``embed_ground(images)`` and ``scale()``.
+    With a ``bundle``, first check that it holds retrieval embeddings (before loading the
+    model) and then that they are this model's (one-line errors).
     """
+    if bundle is not None:
+        bundle.check_retrieval_model(None, model_path)
     if getattr(backend, 'name', None) == 'onnxruntime':
         from geozoom_ros.runtime.onnx_backend import OnnxRetrieval
-        return OnnxRetrieval(model_path, threads=threads)
-    from geozoom_ros.runtime.torch_backend import TorchRetrieval
-    return TorchRetrieval(model_path, device=device)
+        retr = OnnxRetrieval(model_path, threads=threads)
+    else:
+        from geozoom_ros.runtime.torch_backend import TorchRetrieval
+        retr = TorchRetrieval(model_path, device=device)
+    if bundle is not None:
+        bundle.check_retrieval_model(retr.model_hash, model_path)
+    return retr
