@@ -23,9 +23,16 @@ to the filter's Mahalanobis gate and the node's confidence gate. ``outliers=Fals
 Gaussian to every error instead: consistent on average over all fixes, but so wide that it
 makes the good fixes worthless.
 
+The same fit chooses each method's confidence gate (:func:`fit_gate`): the lowest confidence
+whose fixes on the validation split lie within ``within_m`` (50 m) at the target precision
+(0.8). A search's confidences are not comparable across methods (the fused search's are
+sharper than the zoom beam's), so one fixed ``min_confidence`` publishes very different shares
+of fixes; the node takes the threshold of the method that ran (``gate_source: calibration``).
+
 The fitted parameters live beside the model as ``<model_dir>/calibration.json`` (one entry
-per search method, the model's sha256, and how they were fitted); the model's hash covers only
-``model.safetensors``, so adding the file does not change the model. numpy only (NEES comes
+per search method with its optional ``gate``, the model's sha256, and how they were fitted);
+the model's hash covers only ``model.safetensors``, so adding the file does not change the
+model. numpy only (NEES comes
 from ``geozoom_ros.eval.metrics``).
 """
 
@@ -43,6 +50,9 @@ from geozoom_ros.fileio import atomic_write_json
 CALIBRATION_FILE = 'calibration.json'
 FORMAT = 'geozoom-calibration'
 FORMAT_VERSION = 1
+DEFAULT_GATE_PRECISION = 0.8
+DEFAULT_GATE_WITHIN_M = 50.0
+MIN_GATE_FIXES = 20  # a threshold must publish at least this many validation fixes
 MIN_SIGMA_M = 0.1  # floor of b0_m: keeps every published covariance positive definite
 _LOG_2PI = math.log(2.0 * math.pi)
 # A weak prior on log(a) (standard deviation 3, a factor of 20): it only decides where the
@@ -133,20 +143,28 @@ class Calibration:
     """The contents of ``calibration.json``: one :class:`CovarianceModel` per search method.
 
     Attributes:
-        models: ``{method: CovarianceModel}`` ('zoom', 'zoom-beam').
+        models: ``{method: CovarianceModel}`` ('zoom', 'zoom-beam', 'zoom-fused').
         model_sha256: hash of the model's ``model.safetensors`` the fit used (or None).
         info: ``{method: dict}`` how each was fitted (data, split, n, NEES before/after).
         path: the file it was read from (None when built in memory).
+        gates: ``{method: dict}`` the confidence gate :func:`fit_gate` chose for each method
+            (``min_confidence`` None when no threshold reached the target precision).
     """
 
     models: dict = field(default_factory=dict)
     model_sha256: str = None
     info: dict = field(default_factory=dict)
     path: Path = None
+    gates: dict = field(default_factory=dict)
 
     def model_for(self, method):
         """Return the CovarianceModel of ``method``, or None when it was not calibrated."""
         return self.models.get(method)
+
+    def gate_thresholds(self):
+        """Return ``{method: min_confidence}`` of the methods with a fitted gate threshold."""
+        return {k: g['min_confidence'] for k, g in self.gates.items()
+                if g.get('min_confidence') is not None}
 
     def apply(self, cov_en, confidence, method='zoom-beam'):
         """Return ``cov_en`` calibrated for ``method`` (unchanged when it has no entry)."""
@@ -165,7 +183,8 @@ class Calibration:
         """Return the JSON-ready file contents."""
         return {'format': FORMAT, 'format_version': FORMAT_VERSION,
                 'model_sha256': self.model_sha256,
-                'methods': {k: {**m.to_dict(), 'fitted': self.info.get(k, {})}
+                'methods': {k: {**m.to_dict(), 'fitted': self.info.get(k, {}),
+                                **({'gate': self.gates[k]} if k in self.gates else {})}
                             for k, m in sorted(self.models.items())}}
 
 
@@ -199,17 +218,28 @@ def load(path):
     if not isinstance(methods, dict) or not methods:
         raise InputError(f'calibration {path} has no "methods" entries; run geozoom calibrate '
                          'again')
-    models, info = {}, {}
+    models, info, gates = {}, {}, {}
     for name, entry in methods.items():
         try:
             models[name] = CovarianceModel.from_dict(entry)
+            if entry.get('gate') is not None:
+                gates[name] = _check_gate(entry['gate'])
         except InputError as exc:
             raise InputError(f'calibration {path} method {name!r}: {exc}') from None
         info[name] = entry.get('fitted', {}) if isinstance(entry.get('fitted'), dict) else {}
     sha = d.get('model_sha256')
     if sha is not None and not isinstance(sha, str):
         raise InputError(f'calibration {path} model_sha256 {sha!r} must be a string or null')
-    return Calibration(models, sha, info, path)
+    return Calibration(models, sha, info, path, gates)
+
+
+def _check_gate(gate):
+    """Return a ``gate`` entry whose ``min_confidence`` is None or in 0..1 (else InputError)."""
+    t = gate.get('min_confidence') if isinstance(gate, dict) else gate
+    if not isinstance(gate, dict) or (t is not None and (
+            isinstance(t, bool) or not isinstance(t, (int, float)) or not 0.0 <= t <= 1.0)):
+        raise InputError(f'gate min_confidence {t!r} must be a number in 0..1 or null')
+    return gate
 
 
 def save(calibration, path):
@@ -387,3 +417,42 @@ def nees_summary(errors_en, covs, near_m=100.0):
     return {'nees_mean': float(v[ok].mean()) if ok.any() else None,
             f'nees_mean_within_{near_m:g}m': float(v[near].mean()) if near.any() else None,
             'n': int(ok.sum()), f'n_within_{near_m:g}m': int(near.sum())}
+
+
+def fit_gate(errors_m, confidences, precision=DEFAULT_GATE_PRECISION,
+             within_m=DEFAULT_GATE_WITHIN_M, min_fixes=MIN_GATE_FIXES):
+    """Choose a confidence gate on validation fixes; return its JSON-ready description.
+
+    The threshold is the lowest confidence at which the fixes kept (``confidence >=
+    threshold``) lie within ``within_m`` metres of the truth at ``precision`` or better, among
+    thresholds that keep at least ``min_fixes`` fixes: the most fixes a filter can be given at
+    that precision. Queries without a fix (NaN error) count in the published share's
+    denominator. ``min_confidence`` is None when no threshold reaches the precision; the
+    dict then says the best precision seen.
+    """
+    err = np.asarray(errors_m, dtype=float).reshape(-1)
+    conf = np.asarray(confidences, dtype=float).reshape(-1)
+    if len(err) != len(conf):
+        raise InputError(f'gate data have {len(err)} errors and {len(conf)} confidences; give '
+                         'one of each per query')
+    if not 0.0 < precision <= 1.0 or not within_m > 0 or min_fixes < 1:
+        raise InputError(f'gate precision {precision} must be in (0, 1], within_m {within_m} '
+                         f'positive and min_fixes {min_fixes} at least 1')
+    ok = np.isfinite(err) & np.isfinite(conf)
+    e, c = err[ok], conf[ok]
+    order = np.argsort(-c, kind='stable')
+    c, good = c[order], (e[order] <= within_m).astype(float)
+    kept = np.arange(1, len(c) + 1)
+    prec = np.cumsum(good) / np.maximum(kept, 1)
+    # Only the last of each run of equal confidences is a threshold (ties pass together).
+    last = np.r_[c[1:] != c[:-1], True] if len(c) else np.zeros(0, bool)
+    valid = last & (kept >= min_fixes)
+    out = {'target_precision': float(precision), 'within_m': float(within_m),
+           'min_fixes': int(min_fixes), 'n_queries': int(len(err))}
+    hit = np.flatnonzero(valid & (prec >= precision))
+    if not len(hit):
+        best = float(prec[valid].max()) if valid.any() else None
+        return out | {'min_confidence': None, 'best_precision': best}
+    i = int(hit[-1])
+    return out | {'min_confidence': float(c[i]), 'precision': float(prec[i]),
+                  'published': int(kept[i]), 'published_share': float(kept[i] / len(err))}

@@ -626,7 +626,7 @@ def localize_frames(bag, localizer, every=1, gate=None, prior='none', fusion_con
 
     from geozoom_ros.search import Prior
 
-    gate = gate or Gate()
+    gate = (gate or Gate()).use_calibration(localizer.calibration)
     if prior not in ('none', 'fused'):
         raise InputError(f'--prior {prior!r} is unknown; use none or fused')
     online = monitor = None
@@ -685,7 +685,7 @@ def localize_frames(bag, localizer, every=1, gate=None, prior='none', fusion_con
             if monitor is not None and search_prior is not None:
                 monitor.observe(False)
             continue
-        gated_in, sigma, cov = gate.passes(fix.confidence, fix.cov_en)
+        gated_in, sigma, cov = gate.passes(fix.confidence, fix.cov_en, fix.method)
         rec = FrameFix(fr.index, fr.stamp_ns, fr.t, 'fix', float(fix.lat), float(fix.lon), cov,
                        sigma, float(fix.confidence), gated_in, latency,
                        prior=search_prior is not None)

@@ -65,7 +65,8 @@ def register(sub):
                    help="the node's parameters file for the gate (default: its defaults, as "
                         'config/localize.yaml)')
     p.add_argument('--min-confidence', type=float, default=None,
-                   help='gate: override min_confidence (0..1)')
+                   help='gate: this min_confidence (0..1) for every search, instead of the '
+                        "thresholds fitted in the model's calibration.json")
     p.add_argument('--max-sigma-m', type=float, default=None,
                    help='gate: override max_sigma_m (metres)')
     p.add_argument('--ekf-config', default=None, metavar='ekf.yaml',
@@ -161,7 +162,7 @@ def _eval_bag(args):
     if args.min_confidence is not None:
         if not 0.0 <= args.min_confidence <= 1.0:
             raise InputError(f'--min-confidence {args.min_confidence} must be in 0..1')
-        gate.min_confidence = args.min_confidence
+        gate.min_confidence, gate.gate_source = args.min_confidence, 'parameters'
     if args.max_sigma_m is not None:
         if not args.max_sigma_m > 0:
             raise InputError(f'--max-sigma-m {args.max_sigma_m} must be positive (metres)')

@@ -9,6 +9,8 @@ import math
 from pathlib import Path
 import sys
 
+from geozoom_ros.calibration import DEFAULT_GATE_PRECISION, DEFAULT_GATE_WITHIN_M
+
 
 def register(sub):
     """Add the index, eval, calibrate and localize subcommands."""
@@ -79,8 +81,11 @@ def register(sub):
                                    'covariance calibration cov = a * search_cov + (b0^2 + '
                                    'b1^2 (1 - confidence)) I by maximum likelihood of the '
                                    'east/north errors, and write it to calibration.json beside '
-                                   'the model (other methods\' entries are kept). Prints the '
-                                   'parameters and the NEES before and after.')
+                                   'the model (other methods\' entries are kept), with the '
+                                   'method\'s confidence gate: the lowest confidence whose '
+                                   'fixes are within --gate-within-m at --gate-precision. '
+                                   'Prints the parameters, the NEES before and after, and the '
+                                   'gate.')
     p.add_argument('--bundle', required=True, metavar='BUNDLE')
     p.add_argument('--model', required=True, metavar='MODEL')
     p.add_argument('--data', required=True, metavar='index.csv|drive.mcap')
@@ -94,6 +99,12 @@ def register(sub):
     p.add_argument('--single-gaussian', action='store_true',
                    help='fit one Gaussian to every error instead of a Gaussian for the fixes '
                         'near the truth plus a broad one for far misses')
+    p.add_argument('--gate-precision', type=float, default=DEFAULT_GATE_PRECISION,
+                   help='share of published fixes that must lie within --gate-within-m '
+                        f'(default {DEFAULT_GATE_PRECISION:g})')
+    p.add_argument('--gate-within-m', type=float, default=DEFAULT_GATE_WITHIN_M,
+                   help='distance a good fix lies within, metres (default '
+                        f'{DEFAULT_GATE_WITHIN_M:g})')
     p.add_argument('--limit', type=int, default=None, help='use at most N queries')
     p.add_argument('-o', '--output', default=None, metavar='calibration.json',
                    help='where to write (default: MODEL/calibration.json)')
@@ -310,6 +321,8 @@ def _localize(args):
 
 
 def _calibrate(args):
+    import numpy as np
+
     from geozoom_ros import calibration as C
     from geozoom_ros.errors import InputError
     from geozoom_ros.eval.evaluate import EvalOptions, read_queries, run_queries
@@ -317,6 +330,10 @@ def _calibrate(args):
     _positive('--beam-width', args.beam_width, allow_none=False)
     _positive('--limit', args.limit)
     check_fusion(args)
+    if not 0.0 < args.gate_precision <= 1.0:
+        raise InputError(f'--gate-precision {args.gate_precision} must be in (0, 1]')
+    if not args.gate_within_m > 0:
+        raise InputError(f'--gate-within-m {args.gate_within_m} must be positive (metres)')
     out = Path(args.output) if args.output else C.calibration_path(args.model)
     if out.is_dir():
         raise InputError(f'-o {out} is a folder; pass the calibration.json file to write')
@@ -334,6 +351,8 @@ def _calibrate(args):
     model = C.fit(err_en, run.cov_en, run.confidence, outliers=not args.single_gaussian)
     before = C.nees_summary(err_en, run.cov_en)
     after = C.nees_summary(err_en, model.apply(run.cov_en, run.confidence))
+    gate = C.fit_gate(np.hypot(err_en[:, 0], err_en[:, 1]), run.confidence,
+                      args.gate_precision, args.gate_within_m)
     info = {'data': str(args.data), 'split': args.split, 'n': before['n'],
             'beam_width': args.beam_width if args.method != 'zoom' else None,
             'zoom_weight': args.zoom_weight if args.method == 'zoom-fused' else None,
@@ -345,12 +364,13 @@ def _calibrate(args):
     cal = _existing(out, run.model_sha256)
     cal.models[args.method] = model
     cal.info[args.method] = info
+    cal.gates[args.method] = gate
     C.save(cal, out)
     if args.json:
         from geozoom_ros.eval.metrics import json_ready
 
         res = {'path': str(out), 'method': args.method, 'model_sha256': run.model_sha256,
-               'parameters': model.to_dict(), **info}
+               'parameters': model.to_dict(), 'gate': gate, **info}
         print(json.dumps(json_ready(res), allow_nan=False))
         return 0
     print(f'calibration {out} ({args.method}, model {run.model_sha256[:8]}, {before["n"]} '
@@ -364,6 +384,14 @@ def _calibrate(args):
         print(f'  NEES {name:6s}: mean {_fmt(d["nees_mean"], digits=2)}, within 100 m '
               f'{_fmt(d["nees_mean_within_100m"], digits=2)} ({d["n_within_100m"]} fixes; '
               '2 = consistent)')
+    if gate['min_confidence'] is None:
+        print(f'  gate: no confidence keeps {gate["min_fixes"]}+ fixes within '
+              f'{gate["within_m"]:g} m at precision {gate["target_precision"]:g} (best '
+              f'{_fmt(gate["best_precision"], digits=2)}); the node uses its min_confidence')
+    else:
+        print(f'  gate: confidence >= {gate["min_confidence"]:.3f} publishes '
+              f'{100 * gate["published_share"]:.1f}% of queries, {100 * gate["precision"]:.1f}% '
+              f'of them within {gate["within_m"]:g} m')
     return 0
 
 

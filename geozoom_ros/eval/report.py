@@ -216,8 +216,9 @@ def plot_error_time(ev, path):
     ax2.scatter(t[gated], conf[gated], s=10, color=_C['pub'], label='confidence (published)')
     ax2.scatter(t[has_fix & ~gated], conf[has_fix & ~gated], s=16, marker='x',
                 color=_C['gated'], label='confidence (gated out)')
-    ax2.axhline(ev.gate.min_confidence, color=_C['pub'], ls='--', lw=1.0,
-                label=f'min_confidence {ev.gate.min_confidence:g}')
+    threshold = ev.gate.threshold((ev.metrics.get('options') or {}).get('method'))
+    ax2.axhline(threshold, color=_C['pub'], ls='--', lw=1.0,
+                label=f'gate confidence {threshold:g}')
     ax2.set_ylim(0, 1.02)
     ax2.set_ylabel('confidence')
     ax2.set_xlabel('time since the start of the bag (s)')
@@ -413,8 +414,10 @@ def _markdown(metrics, figures):
         opts = metrics['options'].items()
         lines.append('- options: ' + ', '.join(f'{k}={v}' for k, v in opts))
     g = metrics.get('gate') or {}
-    lines.append(f'- node gate: confidence >= {g.get("min_confidence")}, 1-sigma <= '
-                 f'{g.get("max_sigma_m")} m')
+    fitted = g.get('calibrated_min_confidence') or {}
+    conf = ', '.join(f'{v:g} ({k}, calibrated)' for k, v in fitted.items()) \
+        if fitted else f'{g.get("min_confidence")}'
+    lines.append(f'- node gate: confidence >= {conf}, 1-sigma <= {g.get("max_sigma_m")} m')
     lines += ['', '## Summary', '', '| figure | value |', '|---|---|']
     lines += [f'| {k} | {v} |' for k, v in summary_rows(metrics)]
     lines += ['', 'Errors are metres in the local East-North-Up frame about the datum. ATE '

@@ -5,7 +5,7 @@ Shared by the node (``geozoom_ros.ros.node``) and the offline bag evaluation
 Imports neither rclpy nor torch.
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 import math
 import threading
 import time
@@ -232,8 +232,11 @@ class PriorMonitor:
 class Gate:
     """The node's gate: what is published as a FIX.
 
-    A fix passes when ``confidence >= min_confidence`` and its 1-sigma radius (metres, of the
-    covariance floored at :data:`MIN_VARIANCE_M2` per axis) is ``<= max_sigma_m``.
+    A fix passes when its confidence reaches the threshold of the search that ran and its
+    1-sigma radius (metres, of the covariance floored at :data:`MIN_VARIANCE_M2` per axis) is
+    ``<= max_sigma_m``. The threshold is ``min_confidence``, or with ``gate_source``
+    'calibration' the one ``geozoom calibrate`` fitted for that search
+    (:meth:`use_calibration`; a search's confidences are not comparable across methods).
     The prior thresholds ride along because the node and the offline evaluation apply them
     together. Unset fields take the node's defaults (``config/localize.yaml``).
     """
@@ -243,13 +246,15 @@ class Gate:
     prior_min_sigma_m: float = None
     prior_disagree_count: int = None
     prior_disagree_sigmas: float = None
+    gate_source: str = None
+    calibrated: dict = field(default_factory=dict)
 
     def __post_init__(self):
         from geozoom_ros.ros.params import NodeParams
 
         defaults = NodeParams()
         for name in ('min_confidence', 'max_sigma_m', 'prior_min_sigma_m',
-                     'prior_disagree_count', 'prior_disagree_sigmas'):
+                     'prior_disagree_count', 'prior_disagree_sigmas', 'gate_source'):
             if getattr(self, name) is None:
                 setattr(self, name, getattr(defaults, name))
 
@@ -257,7 +262,7 @@ class Gate:
     def from_params(cls, p):
         """Return the gate of a :class:`~geozoom_ros.ros.params.NodeParams`."""
         return cls(p.min_confidence, p.max_sigma_m, p.prior_min_sigma_m,
-                   p.prior_disagree_count, p.prior_disagree_sigmas)
+                   p.prior_disagree_count, p.prior_disagree_sigmas, p.gate_source)
 
     @classmethod
     def from_params_file(cls, path):
@@ -266,14 +271,28 @@ class Gate:
 
         return cls.from_params(load_yaml(path, require_paths=False))
 
-    def passes(self, confidence, cov):
-        """Return ``(gated_in, sigma_m, floored covariance)`` of one fix.
+    def use_calibration(self, calibration):
+        """Take the per-method thresholds of a Calibration (or None) when gate_source says so.
+
+        Returns the gate.
+        """
+        self.calibrated = calibration.gate_thresholds() \
+            if calibration is not None and self.gate_source == 'calibration' else {}
+        return self
+
+    def threshold(self, method=None):
+        """Return the confidence a fix of search ``method`` must reach."""
+        return self.calibrated.get(method, self.min_confidence)
+
+    def passes(self, confidence, cov, method=None):
+        """Return ``(gated_in, sigma_m, floored covariance)`` of one fix of search ``method``.
 
         Raises InputError for a non-finite covariance.
         """
         cov = safe_covariance_en(cov)
         sigma = math.sqrt(0.5 * float(np.trace(cov)))
-        return bool(confidence >= self.min_confidence and sigma <= self.max_sigma_m), sigma, cov
+        return (bool(confidence >= self.threshold(method) and sigma <= self.max_sigma_m),
+                sigma, cov)
 
     def agrees_with(self, prior, lat, lon):
         """Return whether a fix lies within ``prior_disagree_sigmas`` of a prior."""
@@ -281,4 +300,6 @@ class Gate:
 
     def to_json(self):
         """Return the thresholds as a dict."""
-        return {'min_confidence': self.min_confidence, 'max_sigma_m': self.max_sigma_m}
+        return {'min_confidence': self.min_confidence, 'max_sigma_m': self.max_sigma_m,
+                'gate_source': self.gate_source,
+                'calibrated_min_confidence': dict(sorted(self.calibrated.items()))}

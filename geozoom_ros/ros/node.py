@@ -7,7 +7,8 @@ thread, at most ``max_rate_hz`` times a second, decodes the newest frame, locali
 publishes:
 
 - ``sensor_msgs/NavSatFix``: stamp = the image's stamp, ``status`` FIX when the fix passes the
-  gate (``min_confidence``, ``max_sigma_m``) and NO_FIX otherwise, a numeric altitude, and
+  gate (the confidence threshold fitted for the search in calibration.json or
+  ``min_confidence``, and ``max_sigma_m``) and NO_FIX otherwise, a numeric altitude, and
   ``position_covariance`` (east, north, up; m^2) from the search, COVARIANCE_TYPE_APPROXIMATED;
 - ``geometry_msgs/PoseWithCovarianceStamped`` (gated-in fixes only) in the local frame (ENU
   about the datum, turned by ``datum_yaw`` like robot_localization's map frame) or in UTM;
@@ -167,7 +168,9 @@ class GeoZoomNode(Node):
         self._slot = LatestFrame()
         self._throttle = Throttle(p.warn_throttle_s)
         self._monitor = PriorMonitor(p.prior_disagree_count)
-        self._gate = Gate.from_params(p)
+        self._gate = Gate.from_params(p).use_calibration(localizer.calibration)
+        self._gate_origin = 'calibration' if p.method in self._gate.calibrated \
+            else 'min_confidence'
         self._prior = None
         self._heading = None
         self.stats = {'frames_received': 0, 'frames_processed': 0, 'frames_dropped': 0,
@@ -219,6 +222,7 @@ class GeoZoomNode(Node):
             f'localizing {p.image_topic} ({p.image_transport}, {self.converter_name}) on '
             f'{localizer.bundle.path} with {backend} {p.method} (beam {p.beam_width}) at most '
             f'{p.max_rate_hz:g} Hz; prior {p.prior_source}, heading {p.heading_source}; '
+            f'gate confidence >= {self._gate.threshold(p.method):g} ({self._gate_origin}); '
             f'fixes on {p.fix_topic}')
 
     def destroy_node(self):
@@ -393,7 +397,7 @@ class GeoZoomNode(Node):
                 self._observe_prior(False)
             return
         try:
-            gated_in, sigma, cov = self._gate.passes(fix.confidence, fix.cov_en)
+            gated_in, sigma, cov = self._gate.passes(fix.confidence, fix.cov_en, fix.method)
         except InputError as exc:
             self._problem('error', f'no fix: {exc}')
             return
@@ -511,6 +515,7 @@ class GeoZoomNode(Node):
             'age_of_last_fix_s': f'{now - last[0]:.2f}' if last else 'n/a',
             'backend': backend,
             'method': p.method,
+            'gate_min_confidence': f'{self._gate.threshold(p.method):g} ({self._gate_origin})',
             'image_converter': self.converter_name,
             'heading_mode': self.heading_mode,
             'prior_mode': self.prior_mode,

@@ -33,6 +33,7 @@ PRIOR_SOURCES = ('none', 'odometry', 'navsatfix')
 HEADING_SOURCES = ('none', 'imu', 'odometry')
 POSE_FRAMES = ('local', 'utm')
 DATUM_SOURCES = ('map_center', 'parameters')
+GATE_SOURCES = ('calibration', 'parameters')
 
 #: Parameters every rclpy node may have besides ours (set by the launch system or rclpy).
 ROS_RESERVED = frozenset({'use_sim_time', 'start_type_description_service'})
@@ -84,6 +85,10 @@ class NodeParams:
     max_rate_hz: float = _p(5.0, 'most frames localised per second (Hz); newer frames replace '
                                  'waiting ones', low=0.0, low_open=True, high=1000.0)
 
+    gate_source: str = _p('calibration', 'confidence gate: calibration (the threshold '
+                                         'geozoom calibrate fitted for the search that ran, '
+                                         'min_confidence where it fitted none) or parameters '
+                                         '(min_confidence always)', GATE_SOURCES)
     min_confidence: float = _p(0.6, 'fixes below this confidence (0..1) are published as '
                                     'NO_FIX', low=0.0, high=1.0)
     max_sigma_m: float = _p(150.0, 'fixes with a 1-sigma radius above this (metres) are '

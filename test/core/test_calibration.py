@@ -184,3 +184,66 @@ def test_nees_by_hand():
     assert s == {'nees_mean': 1.0, 'nees_mean_within_100m': 1.0, 'n': 2,
                  'n_within_100m': 1}
     assert math.isclose(C.nees_summary(e, p * 2)['nees_mean'], 0.5)
+
+
+def _brute_gate(err, conf, precision, within, min_fixes):
+    best = None
+    for t in sorted(set(conf[np.isfinite(err)])):
+        keep = np.isfinite(err) & (conf >= t)
+        if keep.sum() >= min_fixes and np.mean(err[keep] <= within) >= precision:
+            best = t if best is None else min(best, t)
+    return best
+
+
+def test_fit_gate_is_the_lowest_threshold_reaching_the_precision():
+    rng = np.random.default_rng(3)
+    conf = np.round(rng.uniform(0, 1, 400), 2)  # ties: equal confidences pass together
+    err = np.where(rng.uniform(0, 1, 400) < conf, rng.uniform(0, 40, 400),
+                   rng.uniform(60, 900, 400))
+    err[::50] = np.nan  # queries without a fix count in the published share only
+    for precision, min_fixes in ((0.8, 20), (0.9, 20), (0.7, 5), (0.95, 50)):
+        g = C.fit_gate(err, conf, precision, 50.0, min_fixes)
+        want = _brute_gate(err, conf, precision, 50.0, min_fixes)
+        assert g['min_confidence'] == want
+        if want is not None:
+            keep = np.isfinite(err) & (conf >= want)
+            assert g['published'] == keep.sum() and g['published_share'] == keep.sum() / 400
+            assert g['precision'] == pytest.approx(np.mean(err[keep] <= 50.0))
+            assert g['precision'] >= precision
+    # Lower precision targets keep more fixes.
+    assert C.fit_gate(err, conf, 0.7)['published'] > C.fit_gate(err, conf, 0.9)['published']
+    # Unreachable: no threshold, and the best precision seen.
+    g = C.fit_gate(np.full(30, 100.0), np.linspace(0, 1, 30))
+    assert g['min_confidence'] is None and g['best_precision'] == 0.0
+    assert C.fit_gate([10.0] * 5, [0.9] * 5)['best_precision'] is None  # too few fixes
+    with pytest.raises(InputError, match='precision 1.5'):
+        C.fit_gate(err, conf, 1.5)
+    with pytest.raises(InputError, match='400 errors and 3'):
+        C.fit_gate(err, conf[:3])
+
+
+def test_gates_round_trip_and_the_node_gate_takes_each_searchs_threshold(tmp_path):
+    from geozoom_ros.ros.gating import Gate
+
+    cal = C.Calibration({'zoom-beam': C.CovarianceModel(1.0, 5.0, 0.0),
+                         'zoom-fused': C.CovarianceModel(1.0, 5.0, 0.0),
+                         'zoom': C.CovarianceModel(1.0, 5.0, 0.0)}, HASH, {},
+                        gates={'zoom-beam': {'min_confidence': 0.7},
+                               'zoom-fused': {'min_confidence': 0.35},
+                               'zoom': {'min_confidence': None, 'best_precision': 0.5}})
+    back = C.load(C.save(cal, tmp_path / C.CALIBRATION_FILE))
+    assert back.gates == cal.gates
+    assert back.gate_thresholds() == {'zoom-beam': 0.7, 'zoom-fused': 0.35}
+    gate = Gate(min_confidence=0.6, max_sigma_m=100.0).use_calibration(back)
+    cov = np.eye(2) * 400.0  # 20 m
+    assert gate.passes(0.4, cov, 'zoom-fused')[0] and not gate.passes(0.4, cov, 'zoom-beam')[0]
+    assert gate.passes(0.65, cov, 'zoom')[0]  # no fitted threshold: min_confidence
+    assert not gate.passes(0.9, cov * 100, 'zoom-fused')[0]  # 200 m > max_sigma_m
+    assert gate.to_json()['calibrated_min_confidence'] == {'zoom-beam': 0.7, 'zoom-fused': 0.35}
+    fixed = Gate(min_confidence=0.6, gate_source='parameters').use_calibration(back)
+    assert fixed.threshold('zoom-fused') == 0.6 and not fixed.passes(0.4, cov, 'zoom-fused')[0]
+    assert Gate().use_calibration(None).threshold('zoom-beam') == Gate().min_confidence
+    text = (tmp_path / C.CALIBRATION_FILE).read_text().replace('0.35', '1.5')
+    (tmp_path / 'bad.json').write_text(text)
+    with pytest.raises(InputError, match="'zoom-fused': gate min_confidence 1.5"):
+        C.load(tmp_path / 'bad.json')

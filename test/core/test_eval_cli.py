@@ -203,12 +203,26 @@ def test_calibrate_writes_beside_the_model_and_eval_reports_both_nees(world, cap
         assert res['path'] == str(model / 'calibration.json')
         # One Gaussian fitted by maximum likelihood: NEES 2 on its own data (3 parameters).
         assert 0.5 < res['nees_calibrated']['nees_mean'] < 2.5
+        assert res['gate']['target_precision'] == 0.8 and res['gate']['within_m'] == 50.0
+        assert res['gate']['n_queries'] == res['n']
     cal = C.load(model / 'calibration.json')
     assert set(cal.models) == {'zoom', 'zoom-beam'} and cal.info['zoom']['split'] == 'train'
+    assert set(cal.gates) == {'zoom', 'zoom-beam'}
+    res = _run_json(capsys, ['calibrate', *base, '--split', 'train', '--beam-width', '3',
+                             '--single-gaussian', '--gate-within-m', '1e7', '--gate-precision',
+                             '1', '--json'])
+    # Fewer fixes than a gate needs: no threshold, and no precision to report.
+    assert res['n'] < res['gate']['min_fixes']
+    assert res['gate']['min_confidence'] is None and res['gate']['best_precision'] is None
+    for bad, message in ((['--gate-precision', '0'], '--gate-precision 0.0 must be in (0, 1]'),
+                         (['--gate-within-m', '-5'], '--gate-within-m -5.0 must be positive')):
+        assert main(['calibrate', *base, '--split', 'train', *bad, '--no-progress']) == 2
+        assert message in capsys.readouterr().err.strip().splitlines()[-1]
     assert main(['calibrate', *base, '--split', 'train', '--single-gaussian', '--beam-width',
                  '3']) == 0
     text = capsys.readouterr().out
     assert 'cov = ' in text and 'NEES before' in text and 'NEES after' in text
+    assert '  gate: ' in text
 
     argv = ['eval', *base, '--split', 'train', '--method', 'zoom-beam', '--beam-width', '3']
     res = _run_json(capsys, argv + ['--json', '--report', str(tmp_path / 'report')])

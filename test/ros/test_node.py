@@ -324,6 +324,29 @@ def test_parameters_are_declared_with_descriptors_and_checked(world, localizer,
         assert '\n' not in str(exc.value)
 
 
+def test_the_gate_takes_the_threshold_calibrated_for_the_search(world, rclpy_context):
+    from geozoom_ros import calibration as C
+    from geozoom_ros.localizer import GeoZoomLocalizer
+
+    cal = C.Calibration({'zoom-beam': C.CovarianceModel(1.0, 5.0, 0.0)}, None, {},
+                        gates={'zoom-beam': {'min_confidence': 0.05}})
+    loc = GeoZoomLocalizer(world['bundle'], world['model'], beam_width=4, calibration=cal)
+    fixes = [loc.localize(rgb) for rgb in _frames(6, seed=2)]
+    for source, want, origin in (('calibration', 0.05, 'calibration'),
+                                 ('parameters', 0.3, 'min_confidence')):
+        node = N.GeoZoomNode(_params(world, gate_source=source), localizer=loc,
+                             context=rclpy_context)
+        try:
+            values = {kv.key: kv.value for kv in node.diagnostics().values}
+            assert values['gate_min_confidence'] == f'{want:g} ({origin})'
+            for fix in fixes:
+                assert fix.method == 'zoom-beam'
+                passed = node._gate.passes(fix.confidence, fix.cov_en, fix.method)[0]
+                assert passed == (fix.confidence >= want and fix.sigma_m <= 150.0)
+        finally:
+            node.destroy_node()
+
+
 # --------------------------------------------------------------------------------------------
 # The node in-process, fed by the replay of a drive bag
 
@@ -384,6 +407,8 @@ def test_in_process_fixes_match_the_offline_localizer(world, localizer, drive, r
         assert values['backend'] == localizer.backend.name and values['prior_mode'] == 'off'
         assert values['backend'] == 'onnxruntime'
         assert values['heading_mode'].startswith('unused')
+        # The test model has no calibration.json: the gate is min_confidence.
+        assert values['gate_min_confidence'] == '0.3 (min_confidence)'
         assert float(values['processing_latency_ms_p95']) > 0
         assert float(values['input_rate_hz']) == pytest.approx(1 / 0.3, rel=0.5)
         assert values['queue_pending'] == '0'
