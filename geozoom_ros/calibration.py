@@ -33,7 +33,7 @@ The fitted parameters live beside the model as ``<model_dir>/calibration.json`` 
 per search method with its optional ``gate``, the model's sha256, and how they were fitted);
 the model's hash covers only ``model.safetensors``, so adding the file does not change the
 model. numpy only (NEES comes
-from ``geozoom_ros.eval.metrics``).
+and the gate's precision from ``geozoom_ros.eval.metrics``).
 """
 
 from dataclasses import dataclass, field
@@ -44,7 +44,7 @@ from pathlib import Path
 import numpy as np
 
 from geozoom_ros.errors import InputError, MismatchError
-from geozoom_ros.eval.metrics import nees
+from geozoom_ros.eval.metrics import nees, precision_recall
 from geozoom_ros.fileio import atomic_write_json
 
 CALIBRATION_FILE = 'calibration.json'
@@ -438,15 +438,11 @@ def fit_gate(errors_m, confidences, precision=DEFAULT_GATE_PRECISION,
     if not 0.0 < precision <= 1.0 or not within_m > 0 or min_fixes < 1:
         raise InputError(f'gate precision {precision} must be in (0, 1], within_m {within_m} '
                          f'positive and min_fixes {min_fixes} at least 1')
-    ok = np.isfinite(err) & np.isfinite(conf)
-    e, c = err[ok], conf[ok]
-    order = np.argsort(-c, kind='stable')
-    c, good = c[order], (e[order] <= within_m).astype(float)
-    kept = np.arange(1, len(c) + 1)
-    prec = np.cumsum(good) / np.maximum(kept, 1)
-    # Only the last of each run of equal confidences is a threshold (ties pass together).
-    last = np.r_[c[1:] != c[:-1], True] if len(c) else np.zeros(0, bool)
-    valid = last & (kept >= min_fixes)
+    fixed = np.isfinite(err)
+    thr, prec, _ = precision_recall(np.where(fixed, conf, np.nan), fixed & (err <= within_m))
+    ranked = np.sort(conf[fixed & np.isfinite(conf)])
+    kept = len(ranked) - np.searchsorted(ranked, thr, side='left')  # fixes with conf >= thr
+    valid = kept >= min_fixes
     out = {'target_precision': float(precision), 'within_m': float(within_m),
            'min_fixes': int(min_fixes), 'n_queries': int(len(err))}
     hit = np.flatnonzero(valid & (prec >= precision))
@@ -454,5 +450,5 @@ def fit_gate(errors_m, confidences, precision=DEFAULT_GATE_PRECISION,
         best = float(prec[valid].max()) if valid.any() else None
         return out | {'min_confidence': None, 'best_precision': best}
     i = int(hit[-1])
-    return out | {'min_confidence': float(c[i]), 'precision': float(prec[i]),
+    return out | {'min_confidence': float(thr[i]), 'precision': float(prec[i]),
                   'published': int(kept[i]), 'published_share': float(kept[i] / len(err))}

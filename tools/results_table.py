@@ -17,7 +17,9 @@ so kNN is at chance there by construction). Bundles are built once per world and
 NEES columns: the search's own covariance and the calibrated one (the model folder's
 calibration.json), each over the fixes within 100 m, which is what the calibration targets;
 gate AP is the average precision of the published confidence for fixes within 50 m, beside
-the share of such fixes (what a gate that knows nothing scores).
+the share of such fixes (what a gate that knows nothing scores); the calibrated gate column is
+the share of queries the threshold fitted on val (calibration.json) publishes and the share of
+those within 50 m.
 """
 
 import argparse
@@ -59,9 +61,9 @@ def _num(v, fmt):
 
 
 HEADER = ['| world | regime | method | n | R@25 m % | R@50 m % | R@100 m % | median m | '
-          'step acc. % | NEES raw / cal. (<=100 m) | gate AP (base) | ms p50 | '
-          'chance R@50 % |',
-          '|---|---|---|---|---|---|---|---|---|---|---|---|---|']
+          'step acc. % | NEES raw / cal. (<=100 m) | gate AP (base) | cal. gate pub. / prec. % '
+          '| ms p50 | chance R@50 % |',
+          '|---|---|---|---|---|---|---|---|---|---|---|---|---|---|']
 
 
 def row(world, regime, method, r):
@@ -73,8 +75,11 @@ def row(world, regime, method, r):
             f'{_num(r.get("nees_calibrated_mean_within_100m"), ".2f")}')
     gate = (f'{_num(r.get("gate_average_precision"), ".2f")} '
             f'({_num(r.get("gate_base_rate"), ".2f")})')
+    g = r.get('gate_calibrated') or {}
+    prec = None if g.get('precision') is None else 100 * g['precision']
+    fitted = f'{100 * g["published"]:.1f} / {_num(prec, ".0f")}' if g else '-'
     return (f'| {world} | {regime} | {method} | {r["n"]} | {pct[0]} | {pct[1]} | {pct[2]} | '
-            f'{r["median_error_m"]:.0f} | {steps} | {nees} | {gate} | '
+            f'{r["median_error_m"]:.0f} | {steps} | {nees} | {gate} | {fitted} | '
             f'{r["latency_ms_p50"]:.0f} | {100 * chance.get("recall@50m", float("nan")):.1f} |')
 
 

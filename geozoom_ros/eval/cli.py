@@ -263,6 +263,11 @@ def _print_summary(s):
         print(f'  confidence gate: average precision {_fmt(s["gate_average_precision"], digits=3)}'
               f' for fixes within {s["gate_distance_m"]:g} m (a gate without information: '
               f'{_fmt(s["gate_base_rate"], digits=3)})')
+    g = s.get('gate_calibrated')
+    if g:
+        print(f'  calibrated gate (confidence >= {g["min_confidence"]:.3f}): publishes '
+              f'{_fmt(g["published"], pct=True)} of queries, {_fmt(g["precision"], pct=True)} '
+              f'of them within {s["gate_distance_m"]:g} m')
     if s.get('step_accuracy'):
         acc = ', '.join(_fmt(a, pct=True) for a in s['step_accuracy'])
         print(f'  step accuracy given the true path: {acc}   '

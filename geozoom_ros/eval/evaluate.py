@@ -591,6 +591,8 @@ def summarize_run(run, options, skipped=0, calibration=None):
             metrics.mean_finite(v[fin & near])
     summary['calibration'] = None if model is None else {
         'path': str(calibration.path) if calibration.path else None, **model.to_dict()}
+    summary['gate_calibrated'] = _calibrated_gate(
+        run, calibration, errors, summary.get('gate_distance_m', 50.0))
     if run.step_correct is not None:
         summary['chance']['step_accuracy_uniform'] = summary['chance']['step_accuracy']
         summary['chance']['step_accuracy'] = step_chance(bundle, run.truth[:, 0],
@@ -606,6 +608,24 @@ def summarize_run(run, options, skipped=0, calibration=None):
     summary['map_area_km2'] = bundle.area_m2 / 1e6
     summary.update(run.extra)
     return metrics.json_ready(summary)
+
+
+def _calibrated_gate(run, calibration, errors, within_m):
+    """Return how the confidence threshold fitted for the method gates these queries, or None.
+
+    ``{'min_confidence', 'published', 'precision'}``: the share of queries published and the
+    share of those within ``within_m``. Queries a fused search ran as the zoom beam (no
+    heading) take the zoom beam's threshold, as the node does.
+    """
+    fitted = calibration.gate_thresholds() if calibration is not None else {}
+    if run.method not in fitted:
+        return None
+    thr = np.full(len(errors), fitted[run.method])
+    if run.ran_beam is not None and 'zoom-beam' in fitted:
+        thr[run.ran_beam] = fitted['zoom-beam']
+    pub = np.isfinite(errors) & (np.nan_to_num(run.confidence, nan=-1.0) >= thr)
+    return {'min_confidence': fitted[run.method], 'published': float(pub.mean()),
+            'precision': float(np.mean(errors[pub] <= within_m)) if pub.any() else None}
 
 
 def _sim_zoom(bundle, level_vecs, e, scale):

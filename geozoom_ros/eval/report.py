@@ -542,6 +542,11 @@ def eval_summary_rows(summary):
         rows.append((f'gate average precision (within {s.get("gate_distance_m", 50):g} m)',
                      f'{_f(s.get("gate_average_precision"), digits=3)} (no information: '
                      f'{_f(s.get("gate_base_rate"), digits=3)})'))
+    g = s.get('gate_calibrated')
+    if g:
+        rows.append((f'calibrated gate (confidence >= {g["min_confidence"]:.3f}): published / '
+                     'precision', f'{_f(g["published"], pct=True)} / '
+                                  f'{_f(g["precision"], pct=True)}'))
     if s.get('step_accuracy'):
         rows.append(('step accuracy given the true path',
                      ' / '.join(_f(a, pct=True) for a in s['step_accuracy'])))

@@ -253,3 +253,16 @@ def test_calibrate_writes_beside_the_model_and_eval_reports_both_nees(world, cap
     assert main(argv + ['--calibration', str(bad)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1].startswith('geozoom eval: error:') and 'no "methods"' in err[-1]
+    # A fitted gate threshold: eval says what it publishes on these queries, which is the
+    # point of the gate curve at the same threshold.
+    assert res['gate_calibrated'] is None  # too few fixes here to fit one
+    cal.gates['zoom-beam'] = {'min_confidence': 0.25}
+    C.save(cal, model / 'calibration.json')
+    res = _run_json(capsys, argv + ['--json'])
+    point = next(p for p in res['gate'] if p['threshold'] == 0.25)
+    g = res['gate_calibrated']
+    assert g['min_confidence'] == 0.25 and g['published'] == pytest.approx(point['published'])
+    assert g['precision'] == (None if point['published'] == 0 else
+                              pytest.approx(point['precision']))
+    assert main(argv) == 0
+    assert 'calibrated gate (confidence >= 0.250)' in capsys.readouterr().out
