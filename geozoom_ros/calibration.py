@@ -23,6 +23,11 @@ to the filter's Mahalanobis gate and the node's confidence gate. ``outliers=Fals
 Gaussian to every error instead: consistent on average over all fixes, but so wide that it
 makes the good fixes worthless.
 
+The near Gaussian describes the fixes it counts as near; fixes between its spread and 100 m,
+which a filter's Mahalanobis gate may still accept, then have NEES well above 2.
+:func:`rescale_to_nees` scales the whole published covariance once so that the fixes within
+100 m of the fitting split have mean NEES 2 (``geozoom calibrate --nees-within-m``).
+
 The same fit chooses each method's confidence gate (:func:`fit_gate`): the lowest confidence
 whose fixes on the validation split lie within ``within_m`` (50 m) at the target precision
 (0.8). A search's confidences are not comparable across methods (the fused search's are
@@ -402,6 +407,32 @@ def fit(errors_en, search_covs, confidences, outliers=True):
         outlier_sigma_m=float(math.sqrt(_outlier_var(
             x, 0.5 * float(np.mean(s[:, 0, 0] + s[:, 1, 1])), float(np.mean(c)))))
         if outliers else None)
+
+
+def rescale_to_nees(model, errors_en, search_covs, confidences, within_m=100.0, target=2.0,
+                    min_fixes=10):
+    """Return ``(model scaled so the NEES of fixes within within_m is target, the scale)``.
+
+    The mixture fit describes the fixes near the truth with a Gaussian that leaves the far
+    misses out; fixes between its spread and ``within_m`` (which a filter's Mahalanobis gate
+    may still accept) then have NEES well above 2. One scale ``k`` on the whole published
+    covariance (``a``, ``b0_m^2`` and ``b1_m^2`` times ``k``) makes the mean NEES of the fixes
+    within ``within_m`` of the fitting data equal ``target`` (2 in 2-D). Returns the model
+    unchanged and scale 1.0 with fewer than ``min_fixes`` such fixes.
+    """
+    e = np.asarray(errors_en, dtype=float).reshape(-1, 2)
+    s = np.asarray(search_covs, dtype=float).reshape(-1, 2, 2)
+    c = np.asarray(confidences, dtype=float).reshape(-1)
+    near = np.all(np.isfinite(e), axis=1) & (np.hypot(e[:, 0], e[:, 1]) <= within_m)
+    if near.sum() < min_fixes:
+        return model, 1.0
+    v = nees(e[near], model.apply(s[near], c[near]))
+    k = float(np.mean(v[np.isfinite(v)])) / target
+    if not math.isfinite(k) or k <= 0:
+        return model, 1.0
+    return CovarianceModel(a=model.a * k, b0_m=max(model.b0_m * math.sqrt(k), MIN_SIGMA_M),
+                           b1_m=model.b1_m * math.sqrt(k), outlier_share=model.outlier_share,
+                           outlier_sigma_m=model.outlier_sigma_m), k
 
 
 def nees_summary(errors_en, covs, near_m=100.0):

@@ -80,7 +80,9 @@ def register(sub):
                        description='Localise every query of a validation split, fit the '
                                    'covariance calibration cov = a * search_cov + (b0^2 + '
                                    'b1^2 (1 - confidence)) I by maximum likelihood of the '
-                                   'east/north errors, and write it to calibration.json beside '
+                                   'east/north errors (scaled so that the fixes within '
+                                   '--nees-within-m have mean NEES 2), and write it to '
+                                   'calibration.json beside '
                                    'the model (other methods\' entries are kept), with the '
                                    'method\'s confidence gate: the lowest confidence whose '
                                    'fixes are within --gate-within-m at --gate-precision. '
@@ -99,6 +101,10 @@ def register(sub):
     p.add_argument('--single-gaussian', action='store_true',
                    help='fit one Gaussian to every error instead of a Gaussian for the fixes '
                         'near the truth plus a broad one for far misses')
+    p.add_argument('--nees-within-m', type=float, default=100.0,
+                   help='scale the fitted covariance so that the fixes within this many metres '
+                        'of the truth have mean NEES 2 on the split (0: the maximum-likelihood '
+                        'fit as is; default 100)')
     p.add_argument('--gate-precision', type=float, default=DEFAULT_GATE_PRECISION,
                    help='share of published fixes that must lie within --gate-within-m '
                         f'(default {DEFAULT_GATE_PRECISION:g})')
@@ -337,6 +343,8 @@ def _calibrate(args):
     check_fusion(args)
     if not 0.0 < args.gate_precision <= 1.0:
         raise InputError(f'--gate-precision {args.gate_precision} must be in (0, 1]')
+    if not args.nees_within_m >= 0:
+        raise InputError(f'--nees-within-m {args.nees_within_m} must be >= 0 (metres; 0 = off)')
     if not args.gate_within_m > 0:
         raise InputError(f'--gate-within-m {args.gate_within_m} must be positive (metres)')
     out = Path(args.output) if args.output else C.calibration_path(args.model)
@@ -354,6 +362,10 @@ def _calibrate(args):
     run = run_queries(args.bundle, args.model, queries, opts)
     err_en = run.errors_en()
     model = C.fit(err_en, run.cov_en, run.confidence, outliers=not args.single_gaussian)
+    scale = 1.0
+    if args.nees_within_m > 0:
+        model, scale = C.rescale_to_nees(model, err_en, run.cov_en, run.confidence,
+                                         args.nees_within_m)
     before = C.nees_summary(err_en, run.cov_en)
     after = C.nees_summary(err_en, model.apply(run.cov_en, run.confidence))
     gate = C.fit_gate(np.hypot(err_en[:, 0], err_en[:, 1]), run.confidence,
@@ -364,6 +376,7 @@ def _calibrate(args):
             'retrieval_model_sha256': run.extra.get('retrieval_model_sha256'),
             'residual_cov': bool(args.residual_cov),
             'family': 'single-gaussian' if args.single_gaussian else 'gaussian+outliers',
+            'nees_within_m': args.nees_within_m or None, 'nees_scale': scale,
             'created': datetime.now(timezone.utc).isoformat(timespec='seconds'),
             'nees_raw': before, 'nees_calibrated': after}
     cal = _existing(out, run.model_sha256)
@@ -382,6 +395,9 @@ def _calibrate(args):
           f'fixes of {args.split or args.data}):')
     print(f'  cov = {model.a:.4g} * search_cov + ({model.b0_m:.2f}^2 + {model.b1_m:.2f}^2 '
           '* (1 - confidence)) * I   [m^2]')
+    if scale != 1.0:
+        print(f'  scaled by {scale:.3g} so that fixes within {args.nees_within_m:g} m have '
+              'NEES 2')
     if model.outlier_sigma_m is not None:
         print(f'  far misses: {100 * model.outlier_share:.1f}% of fixes, spread '
               f'{model.outlier_sigma_m:.0f} m per axis (not in the published covariance)')

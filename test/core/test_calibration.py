@@ -247,3 +247,27 @@ def test_gates_round_trip_and_the_node_gate_takes_each_searchs_threshold(tmp_pat
     (tmp_path / 'bad.json').write_text(text)
     with pytest.raises(InputError, match="'zoom-fused': gate min_confidence 1.5"):
         C.load(tmp_path / 'bad.json')
+
+
+def test_rescale_makes_the_fixes_within_the_distance_consistent():
+    rng = np.random.default_rng(8)
+    n = 3000
+    covs = _search_covs(rng, n) * 0.05
+    conf = rng.uniform(0, 1, n)
+    truth = C.CovarianceModel(1.0, 15.0, 10.0)
+    err = _draw(rng, truth.apply(covs, conf))
+    far = rng.uniform(0, 1, n) < 0.3
+    err[far] = rng.normal(0, 400.0, (far.sum(), 2))
+    model = C.fit(err, covs, conf)
+    near = np.hypot(err[:, 0], err[:, 1]) <= 100.0
+    before = np.mean(nees(err[near], model.apply(covs[near], conf[near])))
+    scaled, k = C.rescale_to_nees(model, err, covs, conf, within_m=100.0)
+    assert k == pytest.approx(before / 2.0)
+    after = nees(err[near], scaled.apply(covs[near], conf[near]))
+    assert np.mean(after) == pytest.approx(2.0, rel=1e-9)
+    # One scale on the whole covariance.
+    np.testing.assert_allclose(scaled.apply(covs[:50], conf[:50]),
+                               k * model.apply(covs[:50], conf[:50]), rtol=1e-9)
+    assert scaled.outlier_share == model.outlier_share
+    # Too few fixes within the distance: unchanged.
+    assert C.rescale_to_nees(model, err, covs, conf, within_m=0.5) == (model, 1.0)
