@@ -37,8 +37,7 @@ of fixes; the node takes the threshold of the method that ran (``gate_source: ca
 The fitted parameters live beside the model as ``<model_dir>/calibration.json`` (one entry
 per search method with its optional ``gate``, the model's sha256, and how they were fitted);
 the model's hash covers only ``model.safetensors``, so adding the file does not change the
-model. numpy only (NEES comes
-and the gate's precision from ``geozoom_ros.eval.metrics``).
+model. numpy only (NEES and the gate's precision curve come from ``geozoom_ros.eval.metrics``).
 """
 
 from dataclasses import dataclass, field

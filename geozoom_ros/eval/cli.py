@@ -81,13 +81,12 @@ def register(sub):
                                    'covariance calibration cov = a * search_cov + (b0^2 + '
                                    'b1^2 (1 - confidence)) I by maximum likelihood of the '
                                    'east/north errors (scaled so that the fixes within '
-                                   '--nees-within-m have mean NEES 2), and write it to '
-                                   'calibration.json beside '
-                                   'the model (other methods\' entries are kept), with the '
-                                   'method\'s confidence gate: the lowest confidence whose '
-                                   'fixes are within --gate-within-m at --gate-precision. '
-                                   'Prints the parameters, the NEES before and after, and the '
-                                   'gate.')
+                                   '--nees-within-m have mean NEES 2) and the method\'s '
+                                   'confidence gate (the lowest confidence whose fixes lie '
+                                   'within --gate-within-m at --gate-precision), and write both '
+                                   'to calibration.json beside the model (other methods\' '
+                                   'entries are kept). Prints the parameters, the NEES before '
+                                   'and after, and the gate.')
     p.add_argument('--bundle', required=True, metavar='BUNDLE')
     p.add_argument('--model', required=True, metavar='MODEL')
     p.add_argument('--data', required=True, metavar='index.csv|drive.mcap')
