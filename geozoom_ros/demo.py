@@ -112,21 +112,27 @@ def run_drive(drive, map_path, bundle, model, out_dir, rate, **node_params):
     ``node_params`` override the demo's node parameters. Prints the metrics table; returns
     ``(report path, BagEvaluation)``.
     """
+    from geozoom_ros.calibration import resolve
     from geozoom_ros.eval import bag as B
     from geozoom_ros.eval.report import summary_rows, write_report
     from geozoom_ros.ros.live import run_node_on_bag
+    from geozoom_ros.ros.params import NodeParams
 
+    params = demo_node_params(bundle, model, **node_params)
     _step(f'playing the drive {drive} through geozoom_node over rclpy')
-    fixes, diag = run_node_on_bag(drive, demo_node_params(bundle, model, **node_params),
-                                  out_dir / 'node', rate=rate, progress=_step)
+    fixes, diag = run_node_on_bag(drive, params, out_dir / 'node', rate=rate, progress=_step)
     _step(f'node published {len(fixes)} fixes; diagnostics: '
           f'{diag.get("frames_received", "?")} frames received, '
           f'{diag.get("frames_processed", "?")} processed, '
           f'{diag.get("frames_dropped", "?")} dropped (newest frame wins)')
     bag = B.read_bag(drive, quiet=True)
     frames = [B.frame_fix_from_navsatfix(m, bag, index=i) for i, m in enumerate(fixes)]
-    ev = B.evaluate(bag, frames, info={'model': str(model), 'bundle': str(bundle),
-                                       'source': 'geozoom_node over rclpy', 'rate': rate})
+    # The report states the gate the node applied (its parameters and the model's calibration).
+    p = NodeParams(**params)
+    gate = B.Gate.from_params(p).use_calibration(resolve(p.calibration, p.model))
+    ev = B.evaluate(bag, frames, gate, info={'model': str(model), 'bundle': str(bundle),
+                                             'source': 'geozoom_node over rclpy', 'rate': rate,
+                                             'options': {'method': p.method}})
     report = write_report(ev, out_dir / 'report', map_path=map_path)
     rows = summary_rows(ev.metrics)
     # The bag's images keep their recorded stamps, so stamp-to-publish lag means nothing here.
