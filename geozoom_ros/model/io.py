@@ -110,8 +110,18 @@ def save_model(model, out_dir, extra_meta=None):
     return out_dir
 
 
-def read_model_config(path):
-    """Return the parsed config.json of a model folder (kind, config, meta, model_sha256)."""
+#: What a model of each kind is called in errors, and what to pass instead.
+_KIND_NAMES = {'zoom_policy': ('a zoom policy', 'pass a ZoomPolicy model folder'),
+               'retrieval': ('a retrieval model', 'pass a RetrievalModel folder (geozoom train '
+                                                  '--method retrieval)')}
+
+
+def read_model_config(path, kind=None):
+    """Return the parsed config.json of a model folder (kind, config, meta, model_sha256).
+
+    With ``kind`` ('zoom_policy' or 'retrieval'), a model of the other kind is a one-line
+    InputError.
+    """
     d = _model_dir(path)
     f = d / CONFIG_FILE
     if not f.is_file():
@@ -123,6 +133,9 @@ def read_model_config(path):
     if cfg.get('kind') not in ('zoom_policy', 'retrieval'):
         raise InputError(f'{f}: unknown model kind {cfg.get("kind")!r}; '
                          'expected zoom_policy or retrieval')
+    if kind is not None and cfg['kind'] != kind:
+        name, hint = _KIND_NAMES[kind]
+        raise InputError(f'model {d} is a {cfg["kind"]} model, not {name}; {hint}')
     return cfg
 
 

@@ -106,10 +106,7 @@ class OnnxBackend(PolicyBackend):
         from geozoom_ros.model.io import map_hash, model_hash, read_model_config
 
         mdir = model_dir(model_path)
-        cfg = read_model_config(mdir)
-        if cfg['kind'] != 'zoom_policy':
-            raise InputError(f'model {mdir} is a {cfg["kind"]} model, not a zoom policy; pass '
-                             'a ZoomPolicy model folder')
+        cfg = read_model_config(mdir, kind='zoom_policy')
         self.model_path = os.fspath(model_path)
         self.model_hash = model_hash(mdir)
         self.map_hash = map_hash(mdir)
@@ -391,10 +388,7 @@ class OnnxRetrieval:
         from geozoom_ros.model.io import model_hash, read_model_config
 
         mdir = model_dir(model_path)
-        cfg = read_model_config(mdir)
-        if cfg['kind'] != 'retrieval':
-            raise InputError(f'model {mdir} is a {cfg["kind"]} model, not a retrieval model; '
-                             'pass a RetrievalModel folder (geozoom train --method retrieval)')
+        cfg = read_model_config(mdir, kind='retrieval')
         self.config = PolicyConfig.from_dict(cfg['config'], f'{mdir}: config')
         self.model_hash = model_hash(mdir)
         self.model_path = os.fspath(model_path)
