@@ -331,8 +331,6 @@ def _localize(args):
 
 
 def _calibrate(args):
-    import numpy as np
-
     from geozoom_ros import calibration as C
     from geozoom_ros.errors import InputError
     from geozoom_ros.eval.evaluate import EvalOptions, read_queries, run_queries
@@ -367,8 +365,8 @@ def _calibrate(args):
                                          args.nees_within_m)
     before = C.nees_summary(err_en, run.cov_en)
     after = C.nees_summary(err_en, model.apply(run.cov_en, run.confidence))
-    gate = C.fit_gate(np.hypot(err_en[:, 0], err_en[:, 1]), run.confidence,
-                      args.gate_precision, args.gate_within_m)
+    gate = C.fit_gate(run.errors_m(), run.confidence, args.gate_precision,
+                      args.gate_within_m)
     info = {'data': str(args.data), 'split': args.split, 'n': before['n'],
             'beam_width': args.beam_width if args.method != 'zoom' else None,
             'zoom_weight': args.zoom_weight if args.method == 'zoom-fused' else None,
