@@ -284,6 +284,11 @@ class Gate:
         """Return the confidence a fix of search ``method`` must reach."""
         return self.calibrated.get(method, self.min_confidence)
 
+    def describe(self, method=None):
+        """Return search ``method``'s threshold and its origin, e.g. ``'0.41 (calibration)'``."""
+        origin = 'calibration' if method in self.calibrated else 'min_confidence'
+        return f'{self.threshold(method):g} ({origin})'
+
     def passes(self, confidence, cov, method=None):
         """Return ``(gated_in, sigma_m, floored covariance)`` of one fix of search ``method``.
 

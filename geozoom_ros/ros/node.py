@@ -169,8 +169,6 @@ class GeoZoomNode(Node):
         self._throttle = Throttle(p.warn_throttle_s)
         self._monitor = PriorMonitor(p.prior_disagree_count)
         self._gate = Gate.from_params(p).use_calibration(localizer.calibration)
-        self._gate_origin = 'calibration' if p.method in self._gate.calibrated \
-            else 'min_confidence'
         self._prior = None
         self._heading = None
         self.stats = {'frames_received': 0, 'frames_processed': 0, 'frames_dropped': 0,
@@ -222,7 +220,7 @@ class GeoZoomNode(Node):
             f'localizing {p.image_topic} ({p.image_transport}, {self.converter_name}) on '
             f'{localizer.bundle.path} with {backend} {p.method} (beam {p.beam_width}) at most '
             f'{p.max_rate_hz:g} Hz; prior {p.prior_source}, heading {p.heading_source}; '
-            f'gate confidence >= {self._gate.threshold(p.method):g} ({self._gate_origin}); '
+            f'gate confidence >= {self._gate.describe(p.method)}; '
             f'fixes on {p.fix_topic}')
 
     def destroy_node(self):
@@ -515,7 +513,7 @@ class GeoZoomNode(Node):
             'age_of_last_fix_s': f'{now - last[0]:.2f}' if last else 'n/a',
             'backend': backend,
             'method': p.method,
-            'gate_min_confidence': f'{self._gate.threshold(p.method):g} ({self._gate_origin})',
+            'gate_min_confidence': self._gate.describe(p.method),
             'image_converter': self.converter_name,
             'heading_mode': self.heading_mode,
             'prior_mode': self.prior_mode,
